@@ -1,0 +1,97 @@
+"""Every knob of the codebase with its default. Experiment configs start from here.
+
+`get_config(arg)` takes the preset name after the colon in `--config=configs/x.py:tiny`.
+Model size presets live in `configs/presets.py`; experiments override what they need.
+"""
+
+import ml_collections as mlc
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+  del arg  # presets are applied by the experiment files (configs/presets.py)
+  c = mlc.ConfigDict()
+  c.seed = 0  # model init, dropout-free training RNG and data shuffle all derive from it
+  c.mode = "train"  # train | eval: eval loads the latest checkpoint and reports validation NLL
+  c.allow_config_change = False  # resume a workdir whose saved config differs in model/data keys
+
+  c.model = mlc.ConfigDict()
+  c.model.vocab_size = -1  # -1: the tokenizer's size rounded up to vocab_multiple
+  c.model.vocab_multiple = 128  # pad the embedding rows to a multiple of this
+  c.model.d_model = 576  # hidden size D
+  c.model.num_layers = 30  # unrolled depth L (prelude + core + coda)
+  c.model.num_heads = 9  # query heads H
+  c.model.num_kv_heads = 3  # key/value heads (GQA); must divide num_heads
+  c.model.head_dim = -1  # -1: d_model // num_heads
+  c.model.d_ff = 1536  # SwiGLU hidden size F
+  c.model.rope_theta = 10_000.0  # RoPE base
+  c.model.norm_eps = 1e-5  # RMSNorm epsilon
+  c.model.tie_embeddings = True  # LM head shares the input embedding matrix
+  c.model.init_std = 0.02  # N(0, std) init of every linear and embedding weight
+  c.model.compute_dtype = "auto"  # auto (bf16 on GPU/TPU, fp32 on CPU) | float32 | bfloat16
+  c.model.param_dtype = "float32"  # master weights
+  c.model.attend_across_segments = False  # True: packed docs see each other (MoR code)
+  c.model.remat = "none"  # none | block: rematerialise each block in the backward pass
+
+  c.data = mlc.ConfigDict()
+  c.data.source = "embedded"  # embedded | jsonl | parquet | arrayrecord
+  c.data.train_files = ""  # glob of training files for jsonl/parquet/arrayrecord
+  c.data.valid_files = ""  # glob of validation files (empty: hold out valid_fraction of train docs)
+  c.data.text_key = "text"  # field holding the document text in jsonl/parquet records
+  c.data.valid_fraction = 0.05  # held-out docs when valid_files is empty
+  c.data.split_seed = 1234  # fixed seed of the document-level train/validation split
+  c.data.seq_len = 256  # tokens per training row T (packed)
+  c.data.tokenizer = "bpe"  # bpe (train on the train split) | path/tokenizer.json
+  c.data.bpe_vocab_size = 8192  # vocabulary size of the trained BPE
+  c.data.cache_dir = ""  # corpus manifest + tokenizers ("": <workdir>/cache)
+  c.data.num_threads = 2  # grain read threads
+  c.data.prefetch = 8  # grain prefetch buffer (batches)
+  c.data.worker_count = 0  # grain multiprocessing workers (0: in-process)
+
+  c.train = mlc.ConfigDict()
+  c.train.steps = 1000  # optimizer steps (ignored when flop_budget > 0)
+  c.train.flop_budget = 0.0  # >0: total FLOPs; steps = budget / FLOPs per step
+  c.train.batch_size = 32  # global batch in sequences per optimizer step
+  c.train.grad_accum = 1  # micro-batches per step (batch_size must divide by it)
+  c.train.lr = 3e-3  # peak learning rate
+  c.train.schedule = "wsd"  # wsd (warmup-stable-decay) | cosine | constant
+  c.train.warmup_fraction = 0.05  # fraction of steps of linear warm-up (used when warmup_steps < 0)
+  c.train.warmup_steps = -1  # explicit warm-up steps (-1: use warmup_fraction)
+  c.train.decay_fraction = 0.2  # wsd: fraction of steps of the final linear decay
+  c.train.min_lr_ratio = 0.0  # final lr as a fraction of peak (wsd and cosine)
+  c.train.b1 = 0.9  # AdamW beta1
+  c.train.b2 = 0.95  # AdamW beta2
+  c.train.eps = 1e-8  # AdamW epsilon
+  c.train.weight_decay = 0.1  # decoupled weight decay (norm scales and biases excluded)
+  c.train.grad_clip = 1.0  # global-norm clipping (0: off)
+  c.train.log_every = 10  # steps between metric lines (metrics.jsonl, wandb, progress bar)
+  c.train.eval_every = 200  # steps between validation passes (0: only at the end)
+  c.train.eval_batches = 8  # validation batches per pass (fixed, same every time)
+  c.train.nonfinite = "stop"  # stop (checkpoint last good state) | skip (drop update)
+  c.train.max_skipped = 10  # with nonfinite=skip: stop after this many consecutive skipped steps
+  c.train.progress = True  # show a progress bar on process 0
+
+  c.checkpoint = mlc.ConfigDict()
+  c.checkpoint.every = 100  # steps between checkpoints (0: only at the end and on signals)
+  c.checkpoint.keep = 3  # checkpoints kept
+  c.checkpoint.async_save = True  # write checkpoints in the background
+  c.checkpoint.restore_from = ""  # a checkpoint step dir to start from
+
+  c.wandb = mlc.ConfigDict()
+  c.wandb.mode = "offline"  # offline | online | disabled
+  c.wandb.project = "recursive-transformers"
+  c.wandb.entity = ""
+  c.wandb.group = ""  # sweeps set this to the sweep name
+  c.wandb.tags = ""  # comma-separated
+  c.wandb.name = ""  # run name ("" -> workdir basename)
+
+  c.mesh = mlc.ConfigDict()
+  c.mesh.data = -1  # data-parallel axis size (-1: whatever devices are left)
+  c.mesh.fsdp = 1  # parameter/optimizer-state sharding axis
+  c.mesh.tensor = 1  # tensor-parallel axis (heads, d_ff, vocab)
+
+  c.distributed = mlc.ConfigDict()
+  c.distributed.enabled = "auto"  # auto (SLURM / TPU pod / coordinator flag) | yes | no
+  c.distributed.coordinator_address = ""  # host:port of process 0
+  c.distributed.num_processes = -1
+  c.distributed.process_id = -1
+  return c

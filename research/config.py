@@ -1,0 +1,147 @@
+"""Config validation and derived fields: every check runs before anything compiles.
+
+`validate(cfg)` raises ConfigError whose message starts with the offending key, e.g.
+"config.model.num_heads=7: must divide config.model.d_model=64".
+"""
+
+import glob
+import math
+import os
+
+import ml_collections as mlc
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+  """An invalid configuration value or combination; the message names the key."""
+
+
+def _check(ok: bool, key: str, value, why: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{key}={value!r}: {why}")
+
+
+def _one_of(cfg: mlc.ConfigDict, key: str, choices: tuple) -> None:
+  value = _get(cfg, key)
+  _check(value in choices, key, value, f"must be one of {', '.join(map(str, choices))}")
+
+
+def _positive(cfg: mlc.ConfigDict, key: str) -> None:
+  value = _get(cfg, key)
+  _check(value > 0, key, value, "must be > 0")
+
+
+def _get(cfg: mlc.ConfigDict, key: str):
+  for part in key.split("."):
+    cfg = cfg[part]
+  return cfg
+
+
+def validate_model(m: mlc.ConfigDict) -> None:
+  for key in ("d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff", "init_std",
+              "rope_theta", "norm_eps", "vocab_multiple"):
+    _positive(m, key)
+  if m.head_dim == -1:
+    _check(m.d_model % m.num_heads == 0, "model.num_heads", m.num_heads,
+           f"must divide config.model.d_model={m.d_model} (or set config.model.head_dim)")
+    head_dim = m.d_model // m.num_heads
+  else:
+    _check(m.head_dim > 0, "model.head_dim", m.head_dim, "must be > 0 or -1 (d_model // heads)")
+    head_dim = m.head_dim
+  _check(head_dim % 2 == 0, "model.head_dim", head_dim, "RoPE needs an even head width")
+  _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
+         f"must divide config.model.num_heads={m.num_heads} (grouped-query attention)")
+  _check(m.vocab_size == -1 or m.vocab_size > 0, "model.vocab_size", m.vocab_size,
+         "must be > 0, or -1 to follow the tokenizer")
+  _one_of(m, "compute_dtype", DTYPES)
+  _one_of(m, "param_dtype", ("float32", "bfloat16"))
+  _one_of(m, "remat", ("none", "block"))
+
+
+def validate_data(d: mlc.ConfigDict) -> None:
+  _one_of(d, "source", ("embedded", "jsonl", "parquet", "arrayrecord"))
+  _positive(d, "seq_len")
+  _check(0.0 < d.valid_fraction < 1.0, "data.valid_fraction", d.valid_fraction,
+         "must be in (0, 1)")
+  if d.source != "embedded":
+    _check(bool(d.train_files), "data.train_files", d.train_files,
+           f"a file glob is required when config.data.source={d.source!r}")
+    for key in ("train_files", "valid_files"):
+      pattern = d[key]
+      if pattern and not glob.glob(pattern):
+        raise ConfigError(f"config.data.{key}={pattern!r}: no file matches this glob")
+  if d.tokenizer == "bpe":
+    _check(d.bpe_vocab_size >= 512, "data.bpe_vocab_size", d.bpe_vocab_size,
+           "must be >= 512 (256 byte symbols plus merges)")
+  else:
+    _check(os.path.isfile(d.tokenizer), "data.tokenizer", d.tokenizer,
+           "must be 'bpe' or the path of an existing tokenizer.json")
+  _check(d.num_threads >= 1, "data.num_threads", d.num_threads, "must be >= 1")
+  _check(d.worker_count >= 0, "data.worker_count", d.worker_count, "must be >= 0")
+
+
+def validate_train(t: mlc.ConfigDict) -> None:
+  _check(t.steps > 0 or t.flop_budget > 0, "train.steps", t.steps,
+         "must be > 0 (or set config.train.flop_budget)")
+  for key in ("batch_size", "grad_accum", "lr", "log_every", "eval_batches"):
+    _positive(t, key)
+  _check(t.batch_size % t.grad_accum == 0, "train.grad_accum", t.grad_accum,
+         f"must divide config.train.batch_size={t.batch_size}")
+  _one_of(t, "schedule", ("wsd", "cosine", "constant"))
+  _one_of(t, "nonfinite", ("stop", "skip"))
+  for key in ("warmup_fraction", "decay_fraction", "min_lr_ratio"):
+    _check(0.0 <= t[key] <= 1.0, f"train.{key}", t[key], "must be in [0, 1]")
+  _check(t.warmup_fraction + t.decay_fraction <= 1.0, "train.decay_fraction", t.decay_fraction,
+         f"warm-up ({t.warmup_fraction}) plus decay must not exceed the run")
+  _check(0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0, "train.b2", t.b2, "betas must be in [0, 1)")
+  _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0")
+  _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0")
+  _check(t.max_skipped >= 1, "train.max_skipped", t.max_skipped, "must be >= 1")
+
+
+def validate(cfg: mlc.ConfigDict) -> None:
+  """Checks every section; raises ConfigError naming the first offending key."""
+  _one_of(cfg, "mode", ("train", "eval"))
+  validate_model(cfg.model)
+  validate_data(cfg.data)
+  validate_train(cfg.train)
+  _check(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "must be >= 0")
+  _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, "must be >= 1")
+  if cfg.checkpoint.restore_from:
+    _check(os.path.isdir(cfg.checkpoint.restore_from), "checkpoint.restore_from",
+           cfg.checkpoint.restore_from, "no such checkpoint directory")
+  _one_of(cfg, "wandb.mode", ("offline", "online", "disabled"))
+  _one_of(cfg, "distributed.enabled", ("auto", "yes", "no"))
+
+
+def validate_against_devices(cfg: mlc.ConfigDict, mesh_shape: tuple[int, int, int],
+                             process_count: int) -> None:
+  """Checks that need the mesh: batch and width divisibility by the parallel axes."""
+  data, fsdp, tensor = mesh_shape
+  micro = cfg.train.batch_size // cfg.train.grad_accum
+  _check(micro % (data * fsdp) == 0, "train.batch_size", cfg.train.batch_size,
+         f"the micro-batch ({micro} = batch_size / grad_accum) must divide by the "
+         f"data*fsdp mesh size {data * fsdp}")
+  _check(micro % process_count == 0, "train.batch_size", cfg.train.batch_size,
+         f"the micro-batch ({micro}) must divide by the {process_count} processes")
+  m = cfg.model
+  for key in ("num_heads", "num_kv_heads", "d_ff"):
+    _check(m[key] % tensor == 0, f"model.{key}", m[key],
+           f"must divide by config.mesh.tensor={tensor}")
+  _check(m.d_model % fsdp == 0, "model.d_model", m.d_model,
+         f"must divide by config.mesh.fsdp={fsdp}")
+
+
+def with_derived(cfg: mlc.ConfigDict, tokenizer_vocab: int) -> mlc.ConfigDict:
+  """A copy with head_dim and vocab_size filled in (vocab padded to vocab_multiple)."""
+  cfg = mlc.ConfigDict(cfg.to_dict())
+  m = cfg.model
+  if m.head_dim == -1:
+    m.head_dim = m.d_model // m.num_heads
+  if m.vocab_size == -1:
+    m.vocab_size = math.ceil(tokenizer_vocab / m.vocab_multiple) * m.vocab_multiple
+  elif m.vocab_size < tokenizer_vocab:
+    raise ConfigError(f"config.model.vocab_size={m.vocab_size}: smaller than the tokenizer's "
+                      f"{tokenizer_vocab} tokens")
+  return cfg

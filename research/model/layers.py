@@ -1,0 +1,170 @@
+"""Building blocks of the Llama-style decoder: embedding, RMSNorm, RoPE, GQA attention, SwiGLU.
+
+Shape suffixes: B batch, T query tokens, S key tokens, D model width, H query heads, K kv heads,
+G = H // K query heads per kv head, Dh head width, F MLP width, V vocabulary.
+
+Every weight carries logical axis names (research/train/mesh.py maps them onto the device mesh).
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+from flax import linen, nnx
+
+Array = jax.Array
+
+
+class Tokens(NamedTuple):
+  """Per-token metadata that travels with hidden states through gathers.
+
+  positions: RoPE position of each token within its document.
+  segments: document id inside the packed row (0 = padding).
+  indices: index of the token in its packed row; causality is decided on these, so a gathered
+    subset of tokens still attends causally by its ORIGINAL order.
+  """
+
+  positions: Array  # [B, T] int32
+  segments: Array  # [B, T] int32
+  indices: Array  # [B, T] int32
+
+  def take(self, idx_BK: Array) -> "Tokens":
+    """The metadata of the tokens at row indices idx_BK (each row of idx sorted ascending)."""
+    return Tokens(*(jnp.take_along_axis(a, idx_BK, axis=1) for a in self))
+
+
+def normal_init(std: float, names: tuple[str | None, ...]):
+  return nnx.with_partitioning(nnx.initializers.normal(std), names)
+
+
+def constrain_activations(x_BTD: Array) -> Array:
+  """Pins hidden states to batch sharding; a no-op outside `nnx.logical_axis_rules`."""
+  return linen.with_logical_constraint(x_BTD, ("batch", None, None))
+
+
+class Embed(nnx.Module):
+  """Token embedding E[V, D]; `attend` reuses it as the tied LM head (logits = x E^T)."""
+
+  def __init__(self, vocab: int, d: int, *, std: float, dtype, param_dtype, rngs: nnx.Rngs):
+    init = normal_init(std, ("vocab", "embed"))
+    self.embedding = nnx.Param(init(rngs.params(), (vocab, d), param_dtype))
+    self.dtype = dtype
+
+  def __call__(self, tokens_BT: Array) -> Array:
+    return jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
+
+  def attend(self, x_BTD: Array) -> Array:
+    e_VD = self.embedding[...].astype(self.dtype)
+    return jnp.einsum("btd,vd->btv", x_BTD, e_VD, preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+  """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32 (Zhang & Sennrich 2019)."""
+
+  def __init__(self, d: int, *, eps: float, param_dtype, rngs: nnx.Rngs):
+    del rngs
+    init = nnx.with_partitioning(nnx.initializers.ones, ("norm",))
+    self.scale = nnx.Param(init(jax.random.key(0), (d,), param_dtype))
+    self.eps = eps
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def apply_rope(x_BTND: Array, positions_BT: Array, theta: float) -> Array:
+  """Rotary embedding in the rotate-half layout of HF Llama, at explicit positions."""
+  half = x_BTND.shape[-1] // 2
+  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angle_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+  cos, sin = jnp.cos(angle_BTF)[:, :, None], jnp.sin(angle_BTF)[:, :, None]
+  x1, x2 = jnp.split(x_BTND.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTND.dtype)
+
+
+def attention_mask(q: Tokens, kv: Tokens, *, causal: bool, cross_segments: bool) -> Array:
+  """mask[b, i, j]: query i may read key j (causal by row index, same document, no padding)."""
+  mask_BTS = (q.segments[:, :, None] != 0) & (kv.segments[:, None, :] != 0)
+  if causal:
+    mask_BTS &= kv.indices[:, None, :] <= q.indices[:, :, None]
+  if not cross_segments:
+    mask_BTS &= q.segments[:, :, None] == kv.segments[:, None, :]
+  return mask_BTS
+
+
+def dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_BTS: Array) -> Array:
+  """softmax(q k^T / sqrt(Dh) + mask) v with grouped kv heads; logits and softmax in float32."""
+  b, t, h, dh = q_BTHD.shape
+  kv_heads = k_BSKD.shape[2]
+  q_BTKGD = q_BTHD.reshape(b, t, kv_heads, h // kv_heads, dh)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32)
+  logits = logits * (dh**-0.5)
+  logits = jnp.where(mask_BTS[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKD.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD)
+  return out.reshape(b, t, h, dh)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with RoPE at explicit positions and a segment-aware causal mask."""
+
+  def __init__(self, cfg: mlc.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
+    d, dh = cfg.d_model, cfg.head_dim
+    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, dh
+    self.rope_theta = cfg.rope_theta
+    self.cross_segments = cfg.attend_across_segments
+
+    def linear(din, dout, names):
+      return nnx.Linear(din, dout, use_bias=False, kernel_init=normal_init(cfg.init_std, names),
+                        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    self.q_proj = linear(d, cfg.num_heads * dh, ("embed", "heads"))
+    self.k_proj = linear(d, cfg.num_kv_heads * dh, ("embed", "kv_heads"))
+    self.v_proj = linear(d, cfg.num_kv_heads * dh, ("embed", "kv_heads"))
+    self.o_proj = linear(cfg.num_heads * dh, d, ("heads", "embed"))
+
+  def __call__(self, x_BTD: Array, tok: Tokens) -> Array:
+    b, t, _ = x_BTD.shape
+    q = apply_rope(self.q_proj(x_BTD).reshape(b, t, self.num_heads, self.head_dim),
+                   tok.positions, self.rope_theta)
+    k = apply_rope(self.k_proj(x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim),
+                   tok.positions, self.rope_theta)
+    v = self.v_proj(x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
+    mask = attention_mask(tok, tok, causal=True, cross_segments=self.cross_segments)
+    out_BTHD = dot_product_attention(q, k, v, mask)
+    return self.o_proj(out_BTHD.reshape(b, t, self.num_heads * self.head_dim))
+
+
+class SwiGLU(nnx.Module):
+  """down(silu(gate(x)) * up(x)) (Shazeer 2020), no biases."""
+
+  def __init__(self, d: int, f: int, *, std: float, dtype, param_dtype, rngs: nnx.Rngs):
+    def linear(din, dout, names):
+      return nnx.Linear(din, dout, use_bias=False, kernel_init=normal_init(std, names),
+                        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    self.gate_proj = linear(d, f, ("embed", "mlp"))
+    self.up_proj = linear(d, f, ("embed", "mlp"))
+    self.down_proj = linear(f, d, ("mlp", "embed"))
+
+  def __call__(self, x_BTD: Array) -> Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder layer: h += attn(norm(h)); h += ffn(norm(h))."""
+
+  def __init__(self, cfg: mlc.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
+    norm = dict(eps=cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
+    self.attn_norm = RMSNorm(cfg.d_model, **norm)
+    self.attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.ffn_norm = RMSNorm(cfg.d_model, **norm)
+    self.ffn = SwiGLU(cfg.d_model, cfg.d_ff, std=cfg.init_std, dtype=dtype,
+                      param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x_BTD: Array, tok: Tokens) -> Array:
+    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), tok)
+    return constrain_activations(x_BTD + self.ffn(self.ffn_norm(x_BTD)))

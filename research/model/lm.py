@@ -1,0 +1,83 @@
+"""The one language model: embed -> prelude -> core -> coda -> final norm -> LM head.
+
+Methods differ only in the core (a plain stack here; tied recursion and MoR plug in the same slot)
+and in the FFN slot of a block. The model returns logits and a flat dict of auxiliary outputs
+(weighted losses under keys starting with "loss/", statistics under any other key).
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+from flax import nnx
+
+from research.model.layers import (
+    Block,
+    Embed,
+    RMSNorm,
+    Tokens,
+    constrain_activations,
+    normal_init,
+)
+
+Array = jax.Array
+
+
+def resolve_dtype(name: str):
+  """'auto' is bfloat16 on accelerators and float32 on CPU (bf16 matmuls are emulated there)."""
+  if name == "auto":
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  return jnp.dtype(name)
+
+
+class Stack(nnx.Module):
+  """A sequence of independent blocks (the vanilla core)."""
+
+  def __init__(self, blocks: list[Block], *, remat: bool):
+    self.blocks = nnx.List(blocks)
+    self.remat = remat
+
+  def __call__(self, x_BTD: Array, tok: Tokens) -> tuple[Array, dict]:
+    for block in self.blocks:
+      x_BTD = apply_block(block, x_BTD, tok, remat=self.remat)
+    return x_BTD, {}
+
+
+def apply_block(block: nnx.Module, x_BTD: Array, tok: Tokens, *, remat: bool) -> Array:
+  """Calls block(x, tok), rematerialised in the backward pass when `remat`."""
+  if remat:
+    return nnx.remat(lambda blk, x, t: blk(x, t))(block, x_BTD, tok)
+  return block(x_BTD, tok)
+
+
+class LanguageModel(nnx.Module):
+  """Decoder-only LM (Llama layout). `cfg` is the `model` section of the config."""
+
+  def __init__(self, cfg: mlc.ConfigDict, *, rngs: nnx.Rngs):
+    dtype, param_dtype = resolve_dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
+    blocks = [Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+              for _ in range(cfg.num_layers)]
+    self.core = Stack(blocks, remat=cfg.remat == "block")
+    self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
+    if cfg.tie_embeddings:
+      self.head = None
+    else:
+      self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False,
+                             kernel_init=normal_init(cfg.init_std, ("embed", "vocab")),
+                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, tokens_BT: Array, positions_BT: Array | None = None,
+               segments_BT: Array | None = None) -> tuple[Array, dict]:
+    """Returns float32 logits [B, T, V] and the aux dict."""
+    b, t = tokens_BT.shape
+    indices_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    tok = Tokens(positions=indices_BT if positions_BT is None else positions_BT,
+                 segments=jnp.ones_like(tokens_BT) if segments_BT is None else segments_BT,
+                 indices=indices_BT)
+    x_BTD = constrain_activations(self.embed(tokens_BT))
+    x_BTD, aux = self.core(x_BTD, tok)
+    x_BTD = self.norm(x_BTD)
+    if self.head is None:
+      return self.embed.attend(x_BTD), aux
+    return self.head(x_BTD).astype(jnp.float32), aux

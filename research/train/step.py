@@ -1,0 +1,97 @@
+"""Pure train and eval steps over a TrainState pytree.
+
+Loss = token-mean next-token NLL over positions whose target is in the same document, plus every
+aux entry of the model whose key starts with "loss/" (already weighted by the model). With
+gradient accumulation the micro-batch gradients are summed with weights that make the result
+equal to the single big-batch gradient of that loss.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+TrainState = dict[str, Any]  # step, skipped (i32 scalars), params, other (nnx.State), opt
+Batch = dict[str, jax.Array]  # tokens / positions / segment_ids, each [B, T + 1] int32
+
+
+def lm_inputs(batch: Batch) -> tuple[jax.Array, ...]:
+  """(inputs, positions, segments, targets, target mask) from rows of T + 1 tokens."""
+  seg = batch["segment_ids"]
+  mask = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] != 0)
+  return (batch["tokens"][:, :-1], batch["positions"][:, :-1], seg[:, :-1],
+          batch["tokens"][:, 1:], mask)
+
+
+def nll_sum(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array, dict]:
+  """Summed NLL over the valid targets, their count, and the model's aux dict."""
+  inputs, positions, segments, targets, mask = lm_inputs(batch)
+  logits_BTV, aux = model(inputs, positions, segments)
+  nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets)
+  return jnp.sum(nll_BT * mask), jnp.sum(mask), aux
+
+
+def aux_loss(aux: dict) -> jax.Array:
+  return sum((v for k, v in aux.items() if k.startswith("loss/")), jnp.zeros((), jnp.float32))
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, grad_accum: int, policy: str):
+  """Returns train_step(state, batch) -> (state, metrics); jit it with shardings + donation.
+
+  A step whose loss or gradient norm is not finite never changes params or optimizer state and
+  increments state["skipped"]. policy "skip" still advances the step (the batch is consumed);
+  policy "stop" freezes the state from then on, so the loop can save the last good state.
+  """
+
+  def loss_fn(params, other, micro: Batch, num_targets: jax.Array):
+    model = nnx.merge(graphdef, params, other)
+    total, count, aux = nll_sum(model, micro)
+    loss = total / num_targets + aux_loss(aux) / grad_accum
+    return loss, (total, count, aux)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    num_targets = jnp.maximum(jnp.sum(lm_inputs(batch)[-1]), 1)
+    micro_batches = jax.tree.map(
+        lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+
+    def accumulate(grads, micro):
+      (_, (total, count, aux)), g = grad_fn(state["params"], state["other"], micro, num_targets)
+      return jax.tree.map(jnp.add, grads, g), (total, count, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, state["params"])
+    grads, (totals, counts, auxes) = jax.lax.scan(accumulate, zeros, micro_batches)
+    aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), auxes)
+    nll = jnp.sum(totals) / jnp.maximum(jnp.sum(counts), 1)
+    loss = nll + aux_loss(aux)
+    grad_norm = optax.global_norm(grads)
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    ok = finite if policy == "skip" else finite & (state["skipped"] == 0)
+    new = dict(step=state["step"] + 1, skipped=state["skipped"],
+               params=optax.apply_updates(state["params"], updates), other=state["other"],
+               opt=opt)
+    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+    new["skipped"] = jnp.where(ok, 0, state["skipped"] + 1)
+    if policy == "skip":
+      new["step"] = state["step"] + 1
+    metrics = dict(loss=loss, nll=nll, grad_norm=grad_norm, lr=schedule(state["step"]),
+                   targets=jnp.sum(counts), finite=finite, skipped=new["skipped"], **aux)
+    return new, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef):
+  """eval_step(state, batch) -> (summed NLL, number of targets)."""
+
+  def eval_step(state: TrainState, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    model = nnx.merge(graphdef, state["params"], state["other"])
+    total, count, _ = nll_sum(model, batch)
+    return total, count
+
+  return eval_step
