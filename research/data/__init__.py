@@ -1,0 +1,1 @@
+"""Embedded corpus, tokenizers, grain pipelines and real-dataset readers."""
