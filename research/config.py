@@ -38,10 +38,11 @@ def _get(cfg: mlc.ConfigDict, key: str):
   return cfg
 
 
-def validate_model(m: mlc.ConfigDict) -> None:
+def validate_model(cfg: mlc.ConfigDict) -> None:
+  m = cfg.model
   for key in ("d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff", "init_std",
               "rope_theta", "norm_eps", "vocab_multiple"):
-    _positive(m, key)
+    _positive(cfg, f"model.{key}")
   if m.head_dim == -1:
     _check(m.d_model % m.num_heads == 0, "model.num_heads", m.num_heads,
            f"must divide config.model.d_model={m.d_model} (or set config.model.head_dim)")
@@ -54,14 +55,15 @@ def validate_model(m: mlc.ConfigDict) -> None:
          f"must divide config.model.num_heads={m.num_heads} (grouped-query attention)")
   _check(m.vocab_size == -1 or m.vocab_size > 0, "model.vocab_size", m.vocab_size,
          "must be > 0, or -1 to follow the tokenizer")
-  _one_of(m, "compute_dtype", DTYPES)
-  _one_of(m, "param_dtype", ("float32", "bfloat16"))
-  _one_of(m, "remat", ("none", "block"))
+  _one_of(cfg, "model.compute_dtype", DTYPES)
+  _one_of(cfg, "model.param_dtype", ("float32", "bfloat16"))
+  _one_of(cfg, "model.remat", ("none", "block"))
 
 
-def validate_data(d: mlc.ConfigDict) -> None:
-  _one_of(d, "source", ("embedded", "jsonl", "parquet", "arrayrecord"))
-  _positive(d, "seq_len")
+def validate_data(cfg: mlc.ConfigDict) -> None:
+  d = cfg.data
+  _one_of(cfg, "data.source", ("embedded", "jsonl", "parquet", "arrayrecord"))
+  _positive(cfg, "data.seq_len")
   _check(0.0 < d.valid_fraction < 1.0, "data.valid_fraction", d.valid_fraction,
          "must be in (0, 1)")
   if d.source != "embedded":
@@ -75,21 +77,25 @@ def validate_data(d: mlc.ConfigDict) -> None:
     _check(d.bpe_vocab_size >= 512, "data.bpe_vocab_size", d.bpe_vocab_size,
            "must be >= 512 (256 byte symbols plus merges)")
   else:
-    _check(os.path.isfile(d.tokenizer), "data.tokenizer", d.tokenizer,
-           "must be 'bpe' or the path of an existing tokenizer.json")
+    path = d.tokenizer
+    if os.path.isdir(path):
+      path = os.path.join(path, "tokenizer.json")
+    _check(os.path.isfile(path), "data.tokenizer", d.tokenizer,
+           "must be 'bpe', a tokenizer.json file, or a directory holding one")
   _check(d.num_threads >= 1, "data.num_threads", d.num_threads, "must be >= 1")
   _check(d.worker_count >= 0, "data.worker_count", d.worker_count, "must be >= 0")
 
 
-def validate_train(t: mlc.ConfigDict) -> None:
+def validate_train(cfg: mlc.ConfigDict) -> None:
+  t = cfg.train
   _check(t.steps > 0 or t.flop_budget > 0, "train.steps", t.steps,
          "must be > 0 (or set config.train.flop_budget)")
   for key in ("batch_size", "grad_accum", "lr", "log_every", "eval_batches"):
-    _positive(t, key)
+    _positive(cfg, f"train.{key}")
   _check(t.batch_size % t.grad_accum == 0, "train.grad_accum", t.grad_accum,
          f"must divide config.train.batch_size={t.batch_size}")
-  _one_of(t, "schedule", ("wsd", "cosine", "constant"))
-  _one_of(t, "nonfinite", ("stop", "skip"))
+  _one_of(cfg, "train.schedule", ("wsd", "cosine", "constant"))
+  _one_of(cfg, "train.nonfinite", ("stop", "skip"))
   for key in ("warmup_fraction", "decay_fraction", "min_lr_ratio"):
     _check(0.0 <= t[key] <= 1.0, f"train.{key}", t[key], "must be in [0, 1]")
   _check(t.warmup_fraction + t.decay_fraction <= 1.0, "train.decay_fraction", t.decay_fraction,
@@ -103,9 +109,9 @@ def validate_train(t: mlc.ConfigDict) -> None:
 def validate(cfg: mlc.ConfigDict) -> None:
   """Checks every section; raises ConfigError naming the first offending key."""
   _one_of(cfg, "mode", ("train", "eval"))
-  validate_model(cfg.model)
-  validate_data(cfg.data)
-  validate_train(cfg.train)
+  validate_model(cfg)
+  validate_data(cfg)
+  validate_train(cfg)
   _check(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "must be >= 0")
   _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, "must be >= 1")
   if cfg.checkpoint.restore_from:

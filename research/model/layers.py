@@ -71,14 +71,15 @@ class RMSNorm(nnx.Module):
   def __call__(self, x: Array) -> Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+    scale = self.scale[...].astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+    return (y * scale).astype(x.dtype)
 
 
 def apply_rope(x_BTND: Array, positions_BT: Array, theta: float) -> Array:
   """Rotary embedding in the rotate-half layout of HF Llama, at explicit positions."""
   half = x_BTND.shape[-1] // 2
   inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
-  angle_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+  angle_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
   cos, sin = jnp.cos(angle_BTF)[:, :, None], jnp.sin(angle_BTF)[:, :, None]
   x1, x2 = jnp.split(x_BTND.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

@@ -1,0 +1,18 @@
+"""Shared fixtures: a one-device mesh with the logical sharding rules."""
+
+import jax
+import pytest
+from flax import nnx
+
+from research.train import mesh as mesh_lib
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture
+def mesh():
+  """One CPU device as a (1, 1, 1) mesh, with logical axis rules active."""
+  m = jax.make_mesh((1, 1, 1), mesh_lib.MESH_AXES,
+                    axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  with jax.set_mesh(m), nnx.logical_axis_rules(mesh_lib.LOGICAL_RULES):
+    yield m
