@@ -32,6 +32,18 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.attend_across_segments = False  # True: packed docs see each other (MoR code)
   c.model.remat = "none"  # none | block: rematerialise each block in the backward pass
 
+  # Layer tying (Recursive / Relaxed Recursive Transformers, MoR §1.2). num_layers is the
+  # unrolled depth L; the shared block has L/Nr layers (cycle, sequence) or (L-2)/Nr (middle-*).
+  c.model.recursion = mlc.ConfigDict()
+  c.model.recursion.strategy = "none"  # none | cycle | sequence | middle_cycle | middle_sequence
+  c.model.recursion.num_recursions = 1  # Nr: how many times each shared layer is applied
+  c.model.recursion.share_norms = True  # tie both RMSNorms with the block (False: one per depth)
+  c.model.recursion.lora_rank = 0  # per-depth LoRA rank on every shared linear map (0: none)
+  c.model.recursion.lora_rank_q = -1  # rank for q_proj (-1: lora_rank); capped at min(in, out)
+  c.model.recursion.lora_rank_kv = -1  # rank for k_proj and v_proj (-1: lora_rank)
+  c.model.recursion.lora_rank_o = -1  # rank for o_proj (-1: lora_rank)
+  c.model.recursion.lora_rank_ffn = -1  # rank for gate/up/down_proj (-1: lora_rank)
+
   c.data = mlc.ConfigDict()
   c.data.source = "embedded"  # embedded | jsonl | parquet | arrayrecord
   c.data.train_files = ""  # glob of training files for jsonl/parquet/arrayrecord

@@ -10,6 +10,8 @@ import os
 
 import ml_collections as mlc
 
+from research.model import recursion
+
 DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -55,6 +57,17 @@ def validate_model(cfg: mlc.ConfigDict) -> None:
          f"must divide config.model.num_heads={m.num_heads} (grouped-query attention)")
   _check(m.vocab_size == -1 or m.vocab_size > 0, "model.vocab_size", m.vocab_size,
          "must be > 0, or -1 to follow the tokenizer")
+  try:
+    recursion.make_plan(m.recursion.strategy, m.num_layers, m.recursion.num_recursions)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  for key in ("lora_rank", "lora_rank_q", "lora_rank_kv", "lora_rank_o", "lora_rank_ffn"):
+    value = m.recursion[key]
+    _check(value >= (0 if key == "lora_rank" else -1), f"model.recursion.{key}", value,
+           "must be >= 0 (or -1 to follow lora_rank)")
+  if m.recursion.lora_rank or not m.recursion.share_norms:
+    _check(m.recursion.strategy != "none", "model.recursion.strategy", "none",
+           "LoRA relaxation and untied norms need a sharing strategy")
   _one_of(cfg, "model.compute_dtype", DTYPES)
   _one_of(cfg, "model.param_dtype", ("float32", "bfloat16"))
   _one_of(cfg, "model.remat", ("none", "block"))

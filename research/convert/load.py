@@ -37,7 +37,7 @@ def build_model(overrides: dict, params_hf: dict[str, np.ndarray], base_model_cf
   """As `build_model_from_pretrained`, from what `read_pretrained` returned."""
   cfg = mlc.ConfigDict(base_model_cfg.to_dict())
   cfg.update(overrides)
-  config.validate_model(cfg)
+  config.validate_model(mlc.ConfigDict({"model": cfg}))
   params = hf_llama.hf_to_ours(params_hf, cfg.num_layers, cfg.tie_embeddings)
   with nnx.use_eager_sharding(False):
     model = nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0)))

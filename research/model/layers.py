@@ -38,6 +38,18 @@ def normal_init(std: float, names: tuple[str | None, ...]):
   return nnx.with_partitioning(nnx.initializers.normal(std), names)
 
 
+LoRA = dict[str, tuple[Array, Array]]  # projection name -> (A [in, r], B [r, out]) of one depth
+
+
+def project(linear: nnx.Linear, name: str, x: Array, lora: LoRA | None) -> Array:
+  """linear(x) + (x A) B when a LoRA pair is given for `name` (RRT Eq. 3, scale 1)."""
+  y = linear(x)
+  if lora is None or name not in lora:
+    return y
+  a_IR, b_RO = lora[name]
+  return y + ((x @ a_IR.astype(x.dtype)) @ b_RO.astype(x.dtype)).astype(y.dtype)
+
+
 def constrain_activations(x_BTD: Array) -> Array:
   """Pins hidden states to batch sharding; a no-op outside `nnx.logical_axis_rules`."""
   return linen.with_logical_constraint(x_BTD, ("batch", None, None))
@@ -68,10 +80,12 @@ class RMSNorm(nnx.Module):
     self.scale = nnx.Param(init(jax.random.key(0), (d,), param_dtype))
     self.eps = eps
 
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, scale_D: Array | None = None) -> Array:
+    """`scale_D` overrides the stored scale (untied per-depth norms of a recursive core)."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    scale = self.scale[...].astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+    scale = self.scale[...] if scale_D is None else scale_D
+    scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
     return (y * scale).astype(x.dtype)
 
 
@@ -127,16 +141,19 @@ class Attention(nnx.Module):
     self.v_proj = linear(d, cfg.num_kv_heads * dh, ("embed", "kv_heads"))
     self.o_proj = linear(cfg.num_heads * dh, d, ("heads", "embed"))
 
-  def __call__(self, x_BTD: Array, tok: Tokens) -> Array:
+  def __call__(self, x_BTD: Array, tok: Tokens, lora: LoRA | None = None) -> Array:
     b, t, _ = x_BTD.shape
-    q = apply_rope(self.q_proj(x_BTD).reshape(b, t, self.num_heads, self.head_dim),
-                   tok.positions, self.rope_theta)
-    k = apply_rope(self.k_proj(x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim),
-                   tok.positions, self.rope_theta)
-    v = self.v_proj(x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q = project(self.q_proj, "q_proj", x_BTD, lora)
+    k = project(self.k_proj, "k_proj", x_BTD, lora)
+    v = project(self.v_proj, "v_proj", x_BTD, lora)
+    q = apply_rope(q.reshape(b, t, self.num_heads, self.head_dim), tok.positions, self.rope_theta)
+    k = apply_rope(k.reshape(b, t, self.num_kv_heads, self.head_dim), tok.positions,
+                   self.rope_theta)
+    v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
     mask = attention_mask(tok, tok, causal=True, cross_segments=self.cross_segments)
     out_BTHD = dot_product_attention(q, k, v, mask)
-    return self.o_proj(out_BTHD.reshape(b, t, self.num_heads * self.head_dim))
+    out = out_BTHD.reshape(b, t, self.num_heads * self.head_dim)
+    return project(self.o_proj, "o_proj", out, lora)
 
 
 class SwiGLU(nnx.Module):
@@ -151,8 +168,10 @@ class SwiGLU(nnx.Module):
     self.up_proj = linear(d, f, ("embed", "mlp"))
     self.down_proj = linear(f, d, ("mlp", "embed"))
 
-  def __call__(self, x_BTD: Array) -> Array:
-    return self.down_proj(jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+  def __call__(self, x_BTD: Array, lora: LoRA | None = None) -> Array:
+    h = (jax.nn.silu(project(self.gate_proj, "gate_proj", x_BTD, lora))
+         * project(self.up_proj, "up_proj", x_BTD, lora))
+    return project(self.down_proj, "down_proj", h, lora)
 
 
 class Block(nnx.Module):
@@ -166,6 +185,9 @@ class Block(nnx.Module):
     self.ffn = SwiGLU(cfg.d_model, cfg.d_ff, std=cfg.init_std, dtype=dtype,
                       param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x_BTD: Array, tok: Tokens) -> Array:
-    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), tok)
-    return constrain_activations(x_BTD + self.ffn(self.ffn_norm(x_BTD)))
+  def __call__(self, x_BTD: Array, tok: Tokens, lora: LoRA | None = None,
+               norms: tuple[Array, Array] | None = None) -> Array:
+    """`lora`: this depth's LoRA pairs; `norms`: this depth's (attn, ffn) norm scales."""
+    attn_scale, ffn_scale = (None, None) if norms is None else norms
+    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD, attn_scale), tok, lora)
+    return constrain_activations(x_BTD + self.ffn(self.ffn_norm(x_BTD, ffn_scale), lora))

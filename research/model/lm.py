@@ -1,8 +1,8 @@
 """The one language model: embed -> prelude -> core -> coda -> final norm -> LM head.
 
-Methods differ only in the core (a plain stack here; tied recursion and MoR plug in the same slot)
-and in the FFN slot of a block. The model returns logits and a flat dict of auxiliary outputs
-(weighted losses under keys starting with "loss/", statistics under any other key).
+Methods differ only in the core (a plain stack, or the tied recursion of recursion.py; MoR plugs
+into the same slot) and in the FFN slot of a block. The model returns logits and a flat dict of
+auxiliary outputs (weighted losses under keys starting with "loss/", statistics otherwise).
 """
 
 import jax
@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 from flax import nnx
 
+from research.model import recursion
 from research.model.layers import (
     Block,
     Embed,
@@ -56,9 +57,20 @@ class LanguageModel(nnx.Module):
     dtype, param_dtype = resolve_dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
     self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, dtype=dtype,
                        param_dtype=param_dtype, rngs=rngs)
-    blocks = [Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-              for _ in range(cfg.num_layers)]
-    self.core = Stack(blocks, remat=cfg.remat == "block")
+    plan = recursion.make_plan(cfg.recursion.strategy, cfg.num_layers,
+                               cfg.recursion.num_recursions)
+    remat = cfg.remat == "block"
+
+    def blocks(n: int) -> list[Block]:
+      return [Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(n)]
+
+    self.prelude = Stack(blocks(plan.prelude), remat=remat)
+    if cfg.recursion.strategy == "none":
+      self.core = Stack(blocks(cfg.num_layers), remat=remat)
+    else:
+      self.core = recursion.Recursion(plan, blocks(plan.num_shared), cfg, remat=remat,
+                                      param_dtype=param_dtype, rngs=rngs)
+    self.coda = Stack(blocks(plan.coda), remat=remat)
     self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
     if cfg.tie_embeddings:
       self.head = None
@@ -76,7 +88,9 @@ class LanguageModel(nnx.Module):
                  segments=jnp.ones_like(tokens_BT) if segments_BT is None else segments_BT,
                  indices=indices_BT)
     x_BTD = constrain_activations(self.embed(tokens_BT))
+    x_BTD, _ = self.prelude(x_BTD, tok)
     x_BTD, aux = self.core(x_BTD, tok)
+    x_BTD, _ = self.coda(x_BTD, tok)
     x_BTD = self.norm(x_BTD)
     if self.head is None:
       return self.embed.attend(x_BTD), aux

@@ -1,0 +1,181 @@
+"""Layer tying: which shared layer each unrolled depth runs, and the relaxed (LoRA) core.
+
+Sharing strategies (MoR paper Table 5; shared/specs/mor.md §1.2), unrolled depth l in [0, L):
+  cycle            B = L/Nr shared layers, depth l uses layer l mod B    [(0,1,2),(0,1,2)]
+  sequence         B = L/Nr, depth l uses layer floor(l / Nr)           [(0,0),(1,1),(2,2)]
+  middle_cycle     first and last layers unique; the L-2 middle depths cycle over (L-2)/Nr layers
+  middle_sequence  first and last layers unique; the middle depths follow the sequence rule
+
+Relaxed Recursive Transformer (Bae et al. 2024, Eq. 3): every shared linear map W' gets one LoRA
+per unrolled depth l, h = W' x + B_l A_l x (scale 1), so rank 0 is the plain recursive model and
+full rank can reproduce any untied model.
+"""
+
+import dataclasses
+
+import jax
+import ml_collections as mlc
+from flax import nnx
+
+from research.model.layers import LoRA, Tokens
+
+Array = jax.Array
+
+STRATEGIES = ("none", "cycle", "sequence", "middle_cycle", "middle_sequence")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+  """prelude unique layers -> shared layers in `order` (one entry per middle depth) -> coda."""
+
+  prelude: int
+  num_shared: int
+  order: tuple[int, ...]  # shared-layer index of each middle depth
+  coda: int
+  num_recursions: int
+
+  @property
+  def num_layers(self) -> int:
+    return self.prelude + len(self.order) + self.coda
+
+  def source_depths(self, j: int) -> list[int]:
+    """Unrolled depths (0-based, whole model) that run shared layer j (its tie group)."""
+    return [self.prelude + d for d, k in enumerate(self.order) if k == j]
+
+
+def nearest_valid_depths(num_layers: int, nr: int, fixed: int) -> tuple[int, int]:
+  """The closest depths below and above num_layers with (L - fixed) divisible by nr."""
+  below = num_layers - (num_layers - fixed) % nr
+  above = below + nr if below != num_layers else num_layers
+  return max(below, fixed + nr), above
+
+
+def make_plan(strategy: str, num_layers: int, num_recursions: int) -> LayerPlan:
+  """The layer plan of `strategy`; ValueError naming valid depths when L does not divide."""
+  if strategy not in STRATEGIES:
+    raise ValueError(f"config.model.recursion.strategy={strategy!r}: choose one of {STRATEGIES}")
+  nr = num_recursions
+  if strategy == "none":
+    if nr != 1:
+      raise ValueError(f"config.model.recursion.num_recursions={nr}: needs a sharing strategy "
+                       "(config.model.recursion.strategy is 'none')")
+    return LayerPlan(0, num_layers, tuple(range(num_layers)), 0, 1)
+  if nr < 1:
+    raise ValueError(f"config.model.recursion.num_recursions={nr}: must be >= 1")
+  fixed = 2 if strategy.startswith("middle") else 0
+  middle = num_layers - fixed
+  if middle < nr or middle % nr:
+    lo, hi = nearest_valid_depths(num_layers, nr, fixed)
+    what = "num_layers - 2" if fixed else "num_layers"
+    raise ValueError(
+        f"config.model.num_layers={num_layers}: {what} must be a positive multiple of "
+        f"config.model.recursion.num_recursions={nr} for {strategy}; nearest valid depths: "
+        f"{lo} or {hi}")
+  base = middle // nr
+  if strategy.endswith("cycle"):
+    order = tuple(j for _ in range(nr) for j in range(base))
+  else:
+    order = tuple(j for j in range(base) for _ in range(nr))
+  return LayerPlan(fixed // 2, base, order, fixed // 2, nr)
+
+
+LORA_KINDS = {  # projection -> (rank key, input width key, output width key)
+    "q_proj": ("lora_rank_q", "d_model", "q_width"),
+    "k_proj": ("lora_rank_kv", "d_model", "kv_width"),
+    "v_proj": ("lora_rank_kv", "d_model", "kv_width"),
+    "o_proj": ("lora_rank_o", "q_width", "d_model"),
+    "gate_proj": ("lora_rank_ffn", "d_model", "d_ff"),
+    "up_proj": ("lora_rank_ffn", "d_model", "d_ff"),
+    "down_proj": ("lora_rank_ffn", "d_ff", "d_model"),
+}
+
+
+def lora_shapes(m: mlc.ConfigDict) -> dict[str, tuple[int, int, int]]:
+  """projection -> (in, rank, out) with rank capped at min(in, out); rank-0 entries dropped."""
+  widths = dict(d_model=m.d_model, d_ff=m.d_ff, q_width=m.num_heads * m.head_dim,
+                kv_width=m.num_kv_heads * m.head_dim)
+  r = m.recursion
+  shapes = {}
+  for name, (rank_key, din, dout) in LORA_KINDS.items():
+    rank = r.lora_rank if r[rank_key] == -1 else r[rank_key]
+    rank = min(rank, widths[din], widths[dout])
+    if rank > 0:
+      shapes[name] = (widths[din], rank, widths[dout])
+  return shapes
+
+
+class DepthLoRA(nnx.Module):
+  """Per-depth LoRA factors stacked on a leading depth axis: A [N, in, r], B [N, r, out].
+
+  Standard LoRA init (A ~ N(0, 1/in), B = 0), so a fresh relaxed model equals the recursive
+  one; the pretrained-conversion path overwrites both with truncated-SVD factors.
+  """
+
+  def __init__(self, shapes: dict[str, tuple[int, int, int]], depths: int, *, param_dtype,
+               rngs: nnx.Rngs):
+    for name, (din, rank, dout) in shapes.items():
+      a_init = nnx.with_partitioning(nnx.initializers.normal(din**-0.5), (None, "embed", None))
+      b_init = nnx.with_partitioning(nnx.initializers.zeros, (None, None, "embed"))
+      setattr(self, f"{name}_a", nnx.Param(a_init(rngs.params(), (depths, din, rank),
+                                                  param_dtype)))
+      setattr(self, f"{name}_b", nnx.Param(b_init(rngs.params(), (depths, rank, dout),
+                                                  param_dtype)))
+    self.names = tuple(shapes)
+
+  def at(self, depth: int) -> LoRA:
+    return {n: (getattr(self, f"{n}_a")[depth], getattr(self, f"{n}_b")[depth])
+            for n in self.names}
+
+
+class Recursion(nnx.Module):
+  """The tied core: shared blocks run in plan order, each depth with its own LoRA and norms."""
+
+  def __init__(self, plan: LayerPlan, blocks: list[nnx.Module], m: mlc.ConfigDict, *,
+               remat: bool, param_dtype, rngs: nnx.Rngs):
+    self.plan = plan
+    self.blocks = nnx.List(blocks)
+    self.remat = remat
+    depths = len(plan.order)
+    shapes = lora_shapes(m)
+    self.lora = DepthLoRA(shapes, depths, param_dtype=param_dtype, rngs=rngs) if shapes else None
+    if m.recursion.share_norms:
+      self.attn_norms = self.ffn_norms = None
+    else:  # untied norms: one scale per unrolled depth, initialised to 1 like RMSNorm
+      init = nnx.with_partitioning(nnx.initializers.ones, (None, "norm"))
+      self.attn_norms = nnx.Param(init(rngs.params(), (depths, m.d_model), param_dtype))
+      self.ffn_norms = nnx.Param(init(rngs.params(), (depths, m.d_model), param_dtype))
+
+  def __call__(self, x_BTD: Array, tok: Tokens) -> tuple[Array, dict]:
+    for depth, j in enumerate(self.plan.order):
+      lora = None if self.lora is None else self.lora.at(depth)
+      norms = None if self.attn_norms is None else (self.attn_norms[depth],
+                                                    self.ffn_norms[depth])
+      x_BTD = self.step(self.blocks[j], x_BTD, tok, lora, norms)
+    return x_BTD, {}
+
+  def step(self, block, x_BTD, tok, lora, norms) -> Array:
+    if self.remat:
+      return nnx.remat(lambda b, x, t, lo, no: b(x, t, lo, no))(block, x_BTD, tok, lora, norms)
+    return block(x_BTD, tok, lora, norms)
+
+
+def non_embedding_params(m: mlc.ConfigDict) -> int:
+  """Unique non-embedding parameters: prelude + shared + coda layers, LoRAs, untied/final norms.
+
+  Reproduces the papers' counts (tested): MoR 360M middle-cycle Nr=2/3/4 = 167M/118M/98M, RRT
+  Gemma-2B cycle B=2 with ranks 64..512 = 1.07/1.15/1.30/1.60B.
+  """
+  head_dim = m.head_dim if m.head_dim > 0 else m.d_model // m.num_heads
+  d = m.d_model
+  layer = d * head_dim * 2 * (m.num_heads + m.num_kv_heads) + 3 * d * m.d_ff + 2 * d
+  plan = make_plan(m.recursion.strategy, m.num_layers, m.recursion.num_recursions)
+  unique_layers = plan.prelude + plan.num_shared + plan.coda
+  depths = len(plan.order) if m.recursion.strategy != "none" else 0
+  total = unique_layers * layer + d  # + final norm
+  if depths:
+    shapes = lora_shapes(mlc.ConfigDict(dict(m.to_dict(), head_dim=head_dim)))
+    total += depths * sum(r * (i + o) for i, r, o in shapes.values())
+    if not m.recursion.share_norms:
+      total += depths * 2 * d
+  return total
+
