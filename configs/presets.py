@@ -24,7 +24,7 @@ def apply(c: mlc.ConfigDict, preset: str | None) -> mlc.ConfigDict:
   m = c.model
   m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.d_ff = MODELS[preset]
   if preset == "tiny":
-    c.data.seq_len, c.data.bpe_vocab_size = 128, 4096
+    c.data.seq_len, c.data.bpe_vocab_size = 128, 1024
     c.train.batch_size, c.train.steps, c.train.lr = 16, 300, 3e-3
     c.train.eval_every, c.train.eval_batches, c.train.log_every = 100, 8, 10
     c.checkpoint.every = 100
