@@ -1,0 +1,248 @@
+"""Tests of research/sweep.py: cells, configs, isoFLOP steps, cluster scripts, and a 2-cell tiny
+sweep through launch.py that is interrupted, reported, resumed and reported again."""
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from matplotlib import image
+
+from configs.ablations import vanilla_depth
+from research import config as config_lib
+from research import sweep
+from research.train import loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH_PY = "launch.py"
+SPEC = "configs/ablations/vanilla_depth.py:tiny"
+# Tiny shapes for every cell; the budget gives the 4-layer cell 20 steps and the 2-layer one 40.
+TINY = {"model.d_model": 32, "model.num_heads": 2, "model.num_kv_heads": 1, "model.d_ff": 64,
+        "data.seq_len": 32, "train.batch_size": 4, "data.bpe_vocab_size": 512,
+        "train.flop_budget": 2.31e8, "train.warmup_steps": 1, "train.eval_every": 4,
+        "train.eval_batches": 2, "train.log_every": 1, "checkpoint.every": 2,
+        "checkpoint.async_save": False, "train.progress": False, "wandb.mode": "disabled"}
+
+
+def tiny_config():
+  cfg = vanilla_depth.get_config("tiny")
+  cfg.lock()
+  return cfg
+
+
+def launch(*args: str, env: dict, check: bool = True) -> str:
+  r = subprocess.run([sys.executable, LAUNCH_PY, f"--config={SPEC}", *args], cwd=REPO, env=env,
+                     capture_output=True, text=True, timeout=300)
+  out = r.stdout + r.stderr
+  assert not check or r.returncode == 0, out
+  return out
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def env(cache):
+  """Subprocess environment with a persistent compilation cache (a resumed cell compiles once)."""
+  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache / "jax"),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+# --- cells and configs --------------------------------------------------------------------------
+
+
+def test_load_sweep_cells():
+  cells = sweep.load_sweep("configs/ablations/vanilla_depth.py", "tiny")
+  assert [c.name for c in cells] == ["L2_6e11", "L4_6e11"]
+  assert cells[0].label == "Vanilla Tiny, 2 layers, 6e11 FLOPs"
+  assert sweep.sweep_name(SPEC) == "vanilla_depth_tiny"
+  assert sweep.parse_spec(SPEC) == ("configs/ablations/vanilla_depth.py", "tiny")
+  with pytest.raises(config_lib.ConfigError, match="defines no get_sweep"):
+    sweep.load_sweep("configs/vanilla.py", "tiny")
+
+
+@pytest.mark.parametrize("cells, match", [
+    ("[]", "returned no cells"),
+    ("[sweep.Cell('a/b', 'x')]", "cell name 'a/b' must be a plain directory name"),
+    ("[sweep.Cell('a', 'x'), sweep.Cell('a', 'y')]", "two cells are named 'a'"),
+])
+def test_load_sweep_rejects_bad_cells(tmp_path, cells, match):
+  path = tmp_path / "bad.py"
+  path.write_text(f"from research import sweep\n\ndef get_sweep(arg):\n  return {cells}\n")
+  with pytest.raises(config_lib.ConfigError, match=re.escape(match)):
+    sweep.load_sweep(str(path), None)
+
+
+def test_cell_config_overrides_and_precedence():
+  base = tiny_config()
+  cell = sweep.Cell("c", "C", {"model.num_layers": 2, "train.flop_budget": 1e12})
+  cfg = sweep.cell_config(base, cell, sweep="s")
+  assert (cfg.model.num_layers, cfg.train.flop_budget) == (2, 1e12)
+  assert (cfg.wandb.group, cfg.wandb.tags) == ("s", "c")
+  assert base.model.num_layers == 4 and base.wandb.group == ""  # the base is untouched
+  kept = sweep.cell_config(base, cell, keep={"train.flop_budget"})  # the command line wins
+  assert (kept.model.num_layers, kept.train.flop_budget) == (2, 0.0)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"model.num_layer": 2}, "cell 'bad': unknown config key 'model.num_layer'"),
+    ({"nope.x": 1}, "cell 'bad': unknown config key 'nope.x'"),
+    ({"model": 1}, "cell 'bad': 'model' is a config section"),
+    ({"train.steps": 2.5}, "cell 'bad': config.train.steps=2.5"),
+])
+def test_cell_config_errors_name_cell_and_key(overrides, match):
+  with pytest.raises(config_lib.ConfigError, match=re.escape(match)):
+    sweep.cell_config(tiny_config(), sweep.Cell("bad", "Bad", overrides))
+
+
+def test_cell_configs_validate_each_cell():
+  cells = [sweep.Cell("ok", "ok", {}), sweep.Cell("heads", "H", {"model.num_heads": 3})]
+  error = re.escape("cell 'heads': config.model.num_heads=3")
+  with pytest.raises(config_lib.ConfigError, match=error):
+    sweep.cell_configs(tiny_config(), cells, "w", "s", ())
+  long_warmup = [sweep.Cell("w", "W", {"train.steps": 10, "train.warmup_steps": 10})]
+  error = re.escape("cell 'w': config.train.warmup_steps=10")
+  with pytest.raises(config_lib.ConfigError, match=error):
+    sweep.cell_configs(tiny_config(), long_warmup, "w", "s", ())
+
+
+def test_isoflop_steps_and_warmup_follow_the_paper():
+  """360M vanilla at 16.5e18 FLOPs: 9438 steps, warm-up 57 = 5% of the 2e18 run (mor.md §4.2)."""
+  cells = vanilla_depth.get_sweep("360m")
+  base = vanilla_depth.get_config("360m")
+  full = {c.name: sweep.cell_config(base, c) for c in cells}
+  assert loop.total_steps(full["L32_16.5e18"]) == 9438
+  assert loop.total_steps(full["L32_2e18"]) == 1144
+  assert {full[n].train.warmup_steps for n in ("L32_2e18", "L32_5e18", "L32_16.5e18")} == {57}
+  assert loop.total_steps(full["L16_16.5e18"]) == 2 * 9438  # half the depth, twice the steps
+
+
+def test_param_counts_match_the_paper():
+  cfg = config_lib.with_derived(vanilla_depth.get_config("360m"), 49152)
+  non_embedding, total = sweep.param_counts(cfg.model)
+  assert round(non_embedding / 1e6) == 315  # paper Table 6: 315M non-embedding
+  assert total - non_embedding == 49152 * 960
+
+
+def test_config_args():
+  argv = ["launch.py", "--config=x.py:tiny", "--config.a=1", "--config.b", "two words",
+          "--sweep", "--workdir=w", "--config.c=x=y"]
+  assert sweep.config_args(argv) == ["--config.a=1", "--config.b=two words", "--config.c=x=y"]
+
+
+# --- cluster scripts ----------------------------------------------------------------------------
+
+
+def test_emit_slurm_runs_the_array_task_cell(tmp_path, env):
+  workdir = tmp_path / "sw"
+  out = launch("--sweep_emit=slurm", f"--workdir={workdir}", "--config.train.lr=1e-3",
+               "--config.data.cache_dir=/a dir", env=env)
+  script = workdir / "sweep.slurm"
+  assert "wrote" in out and script.exists()
+  subprocess.run(["bash", "-n", str(script)], check=True)
+  text = script.read_text()
+  assert "#SBATCH --array=0-1" in text and "#SBATCH --ntasks-per-node=" in text
+  # Run it with stand-ins for srun and python that print what they were asked to run.
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for tool, body in (("srun", 'exec "$@"'), ("python", "printf '%s\\n' \"$@\"")):
+    (bin_dir / tool).write_text(f"#!/bin/bash\n{body}\n")
+    (bin_dir / tool).chmod(0o755)
+  r = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True,
+                     env=dict(env, PATH=f"{bin_dir}:{env['PATH']}", SLURM_ARRAY_TASK_ID="1"))
+  assert r.stdout.splitlines() == ["launch.py", f"--config={SPEC}", f"--workdir={workdir}",
+                                   "--config.train.lr=1e-3", "--config.data.cache_dir=/a dir",
+                                   "--sweep_index=1"]
+
+
+def test_emit_shell_runs_given_or_all_cells(tmp_path):
+  cells = sweep.load_sweep("configs/ablations/vanilla_depth.py", "tiny")
+  script = tmp_path / "sweep.sh"
+  script.write_text(sweep.emit_shell(SPEC, "runs/x", cells, ["--config.seed=1"], REPO))
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "python").write_text('#!/bin/bash\necho "${@: -1}"\n')
+  (bin_dir / "python").chmod(0o755)
+  path = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+  run = lambda *a: subprocess.run(["bash", str(script), *a], capture_output=True, text=True,
+                                  check=True, env=path).stdout.split()
+  assert run() == ["--sweep_index=0", "--sweep_index=1"]
+  assert run("1") == ["--sweep_index=1"]
+
+
+# --- a tiny sweep end to end ----------------------------------------------------------------------
+
+
+def read_csv(path) -> dict[str, dict]:
+  with open(path) as f:
+    return {r["cell"]: r for r in csv.DictReader(f)}
+
+
+def test_tiny_sweep_runs_resumes_and_reports(tmp_path, cache, env):
+  workdir = tmp_path / "sweep"
+  args = [f"--workdir={workdir}", f"--config.data.cache_dir={cache / 'data'}",
+          *(f"--config.{k}={v}" for k, v in TINY.items())]
+  first, second = workdir / "L2_6e11", workdir / "L4_6e11"
+
+  # Run the sweep; stop it with SIGTERM once the second cell has evaluated and checkpointed
+  # step 4.
+  proc = subprocess.Popen([sys.executable, LAUNCH_PY, f"--config={SPEC}", "--sweep", *args],
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  deadline = time.time() + 240
+  ckpt = second / "checkpoints"
+  while not (ckpt.is_dir() and any(p.name.isdigit() and int(p.name) >= 4
+                                    for p in ckpt.iterdir())):
+    assert proc.poll() is None, proc.stdout.read()
+    assert time.time() < deadline, "the second cell never checkpointed"
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  assert "sweep stopped in cell L4_6e11" in out
+  assert sweep.cell_status(str(first)) == "done"
+  assert sweep.cell_status(str(second)) == "interrupted"
+  saved = json.loads((second / "config.json").read_text())
+  assert saved["wandb"]["group"] == "vanilla_depth_tiny" and "L4_6e11" in saved["wandb"]["tags"]
+
+  # The report of a partial sweep (in-process, to save a start-up): the latest validation NLL.
+  cells = sweep.load_sweep(*sweep.parse_spec(SPEC))
+  cli = dict(TINY, **{"data.cache_dir": str(cache / "data")})
+  cfg = sweep.cell_config(tiny_config(), sweep.Cell("cli", "the command line", cli))
+  cfgs = sweep.cell_configs(cfg, cells, str(workdir), "vanilla_depth_tiny", keep=set(cli))
+  rows = {r["cell"]: r for r in sweep.report(cells, cfgs, str(workdir), "partial")}
+  assert rows["L2_6e11"]["status"] == "done" and rows["L4_6e11"]["status"] == "interrupted"
+  assert rows["L4_6e11"]["steps"] < 20 and rows["L4_6e11"]["valid_nll"] > 0
+
+  # Again: the finished cell is skipped, the interrupted one resumes from its checkpoint.
+  out = launch("--sweep", *args, env=env)
+  assert "cell L2_6e11: done, skipped" in out and "cell L4_6e11 (" in out and "resuming" in out
+  assert json.loads((second / "done.json").read_text())["step"] == 20
+  records = [json.loads(line) for line in (second / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if r["kind"] == "train"].count(1) == 1  # no restart
+  assert sweep.run_cells(cells[1:], cfgs[1:], str(workdir)) == "ok"  # done: nothing to run
+
+  out = launch("--report", *args, env=env)
+  rows = read_csv(workdir / "results.csv")
+  for name, steps in (("L2_6e11", 40), ("L4_6e11", 20)):
+    r = rows[name]
+    assert r["status"] == "done" and int(r["steps"]) == int(r["planned_steps"]) == steps
+    assert int(r["tokens"]) == steps * 4 * 32
+    assert 0 < float(r["valid_nll"]) < 10 and float(r["tokens_per_s"]) > 0
+  # isoFLOP: both cells spent the same budget; 2 more layers, plus one final norm (d_model = 32)
+  assert float(rows["L2_6e11"]["train_flops"]) == float(rows["L4_6e11"]["train_flops"])
+  n2, n4 = (int(rows[n]["non_embedding_params"]) for n in ("L2_6e11", "L4_6e11"))
+  assert n4 - n2 == n2 - 32
+  md = (workdir / "results.md").read_text()
+  assert md.count("| done |") == 2 and "Vanilla Tiny, 4 layers, 6e11 FLOPs" in md
+  assert "![validation NLL against FLOPs](results.png)" in md
+  png = image.imread(workdir / "results.png")
+  assert png.ndim == 3 and png.shape[0] > 200 and png.shape[1] > 300
