@@ -133,3 +133,14 @@ def test_wsd_and_cosine_schedules():
   assert float(cos(10)) == pytest.approx(1.0)
   assert float(cos(55)) == pytest.approx(0.55, abs=1e-3)
   assert float(cos(100)) == pytest.approx(0.1)
+
+
+def test_wsd_lengths_round_like_the_released_mor_configs():
+  cfg = tiny_config()
+  t = cfg.train
+  t.warmup_fraction, t.decay_fraction = 0.05, 0.2
+  assert optimizer.warmup_steps(t, 1716) == 86  # MoR-3 at 2e18 (mor.md §4.2)
+  t.lr, t.min_lr_ratio = 1.0, 0.0
+  sched = optimizer.make_schedule(t, 9438)  # vanilla 360M at 16.5e18: decay over 1888 steps
+  assert float(sched(9438 - 1888)) == pytest.approx(1.0)
+  assert float(sched(9438 - 1887)) < 1.0
