@@ -31,6 +31,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.param_dtype = "float32"  # master weights
   c.model.attend_across_segments = False  # True: packed docs see each other (MoR code)
   c.model.remat = "none"  # none | block: rematerialise each block in the backward pass
+  c.model.init_from = ""  # HF Llama directory or .gguf file to initialise from ("": random init)
 
   # Layer tying (Recursive / Relaxed Recursive Transformers, MoR §1.2). num_layers is the
   # unrolled depth L; the shared block has L/Nr layers (cycle, sequence) or (L-2)/Nr (middle-*).
@@ -43,6 +44,37 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.recursion.lora_rank_kv = -1  # rank for k_proj and v_proj (-1: lora_rank)
   c.model.recursion.lora_rank_o = -1  # rank for o_proj (-1: lora_rank)
   c.model.recursion.lora_rank_ffn = -1  # rank for gate/up/down_proj (-1: lora_rank)
+  c.model.recursion.init = "stepwise"  # with init_from: stepwise | average | lower | random
+  c.model.recursion.lora_init = "svd"  # with init_from: svd (of the residuals) | standard (B = 0)
+
+  # Mixture-of-Recursions (shared/specs/mor.md, docs/mor.md): routers pick each token's number of
+  # recursion steps. Needs recursion.strategy cycle | middle_cycle, no LoRA, tied norms.
+  c.model.mor = mlc.ConfigDict()
+  c.model.mor.kind = "none"  # none | expert (top-k tokens per step) | token (top-1 depth per token)
+  c.model.mor.impl = "gather"  # gather: blocks see selected tokens only | masked: full-length ref.
+  c.model.mor.kv = "cache"  # cache (per-step attention) | share (recursion-1 K/V) | share_update
+  c.model.mor.router = "linear"  # linear | mlp (hidden 2d) | wide_mlp (4d, paper; code's is 2d)
+  c.model.mor.temp = 1.0  # routers see x / temp
+  c.model.mor.z_coeff = 0.0  # router z-loss weight (paper: 0 for expert, 1e-5 for token choice)
+  c.model.mor.capacity = ()  # expert: c_r per step, non-increasing in (0, 1]; (): (Nr-r+1)/Nr
+  c.model.mor.expert = mlc.ConfigDict()
+  c.model.mor.expert.func = "sigmoid"  # gate g = alpha * func(s): sigmoid | tanh | none (g = s)
+  c.model.mor.expert.alpha = 0.1  # gate scale
+  c.model.mor.expert.gating = "weighted"  # weighted: H[S] += g f(H[S]) | additive: += f(H[S])
+  c.model.mor.expert.route = "topk"  # topk (sees the future) | threshold: sigma(s)>0.5 (masked)
+  c.model.mor.expert.sampling = "aux_loss"  # aux_loss: BCE on the router | aux_router (detached)
+  c.model.mor.expert.aux_coeff = 0.001  # BCE weight; the authors' effective one is x GA=16
+  c.model.mor.expert.aux_router_lr_mult = 10.0  # aux_router: learning-rate multiple (paper 10x)
+  c.model.mor.expert.cap_warmup_steps = 0  # optimizer steps of cosine capacity decay from 1
+  c.model.mor.token = mlc.ConfigDict()
+  c.model.mor.token.func = "softmax"  # p = alpha * func(router logits): softmax | sigmoid
+  c.model.mor.token.alpha = 1.0  # probability scale
+  c.model.mor.token.gate = "exit"  # exit: gate at the exit step (code) | every (paper Eq. 2.2)
+  c.model.mor.token.balancing = "loss"  # loss | loss_free (bias, updated per step) | none
+  c.model.mor.token.bal_coeff = 0.1  # balancing-loss weight
+  c.model.mor.token.bias_rate = 0.001  # loss_free: u, the bias change per optimizer step
+  c.model.mor.token.bal_warmup_steps = 0  # optimizer steps with every token at depth Nr, bias 0
+  c.model.mor.token.capacity_factor = 0.0  # >0: slots per step f*T*(Nr-r+1)/Nr, overflow exits
 
   c.data = mlc.ConfigDict()
   c.data.source = "embedded"  # embedded | jsonl | parquet | arrayrecord

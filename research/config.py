@@ -13,6 +13,8 @@ import ml_collections as mlc
 from research.model import recursion
 
 DTYPES = ("auto", "float32", "bfloat16")
+RECURSIVE_INITS = ("stepwise", "average", "lower", "random")  # RRT §2.2 (docs/rrt.md)
+LORA_INITS = ("svd", "standard")  # truncated SVD of the residuals | A ~ N(0, 1/in), B = 0
 
 
 class ConfigError(ValueError):
@@ -68,9 +70,67 @@ def validate_model(cfg: mlc.ConfigDict) -> None:
   if m.recursion.lora_rank or not m.recursion.share_norms:
     _check(m.recursion.strategy != "none", "model.recursion.strategy", "none",
            "LoRA relaxation and untied norms need a sharing strategy")
+  _one_of(cfg, "model.recursion.init", RECURSIVE_INITS)
+  _one_of(cfg, "model.recursion.lora_init", LORA_INITS)
+  if m.init_from:
+    _check(os.path.exists(m.init_from), "model.init_from", m.init_from,
+           "no such file or directory (an HF Llama directory or a .gguf file)")
+  validate_mor(cfg)
   _one_of(cfg, "model.compute_dtype", DTYPES)
   _one_of(cfg, "model.param_dtype", ("float32", "bfloat16"))
   _one_of(cfg, "model.remat", ("none", "block"))
+
+
+def validate_mor(cfg: mlc.ConfigDict) -> None:
+  """Mixture-of-Recursions (shared/specs/mor.md §2-3; docs/mor.md)."""
+  m, mor = cfg.model, cfg.model.mor
+  _one_of(cfg, "model.mor.kind", ("none", "expert", "token"))
+  if mor.kind == "none":
+    return
+  _one_of(cfg, "model.recursion.strategy", ("cycle", "middle_cycle"))  # as the MoR code asserts
+  _check(m.recursion.lora_rank == 0 and m.recursion.share_norms, "model.recursion.lora_rank",
+         m.recursion.lora_rank, "MoR runs the plain tied block (no LoRA, share_norms=True)")
+  _one_of(cfg, "model.mor.impl", ("gather", "masked"))
+  _one_of(cfg, "model.mor.kv", ("cache", "share", "share_update"))
+  _one_of(cfg, "model.mor.router", ("linear", "mlp", "wide_mlp"))
+  _positive(cfg, "model.mor.temp")
+  _check(mor.z_coeff >= 0, "model.mor.z_coeff", mor.z_coeff, "must be >= 0")
+  nr, e, tc = m.recursion.num_recursions, mor.expert, mor.token
+  caps = tuple(mor.capacity)
+  if caps:
+    _check(mor.kind == "expert", "model.mor.capacity", caps, "only expert choice has capacities")
+    _check(len(caps) == nr, "model.mor.capacity", caps,
+           f"needs one capacity per recursion (config.model.recursion.num_recursions={nr})")
+    _check(all(0 < c <= 1 for c in caps), "model.mor.capacity", caps, "must lie in (0, 1]")
+    _check(list(caps) == sorted(caps, reverse=True), "model.mor.capacity", caps,
+           "must be non-increasing (S_r is a subset of S_{r-1})")
+  if mor.kind == "expert":
+    _one_of(cfg, "model.mor.expert.func", ("sigmoid", "tanh", "none"))
+    _one_of(cfg, "model.mor.expert.gating", ("weighted", "additive"))
+    _one_of(cfg, "model.mor.expert.route", ("topk", "threshold"))
+    _one_of(cfg, "model.mor.expert.sampling", ("aux_loss", "aux_router"))
+    _check(e.aux_coeff >= 0, "model.mor.expert.aux_coeff", e.aux_coeff, "must be >= 0")
+    _positive(cfg, "model.mor.expert.aux_router_lr_mult")
+    _check(e.cap_warmup_steps >= 0, "model.mor.expert.cap_warmup_steps", e.cap_warmup_steps,
+           "must be >= 0")
+    if e.route == "threshold":
+      _check(mor.impl == "masked", "model.mor.impl", mor.impl,
+             "threshold routing selects a dynamic number of tokens: use 'masked'")
+    if mor.kv != "cache":
+      _check(not caps or caps[0] == 1, "model.mor.capacity", caps,
+             f"KV sharing (config.model.mor.kv={mor.kv!r}) needs c_1 = 1 (every token runs "
+             "recursion 1)")
+  else:
+    _one_of(cfg, "model.mor.token.func", ("softmax", "sigmoid"))
+    _one_of(cfg, "model.mor.token.gate", ("exit", "every"))
+    _one_of(cfg, "model.mor.token.balancing", ("loss", "loss_free", "none"))
+    for key in ("bal_coeff", "bias_rate", "bal_warmup_steps", "capacity_factor"):
+      _check(tc[key] >= 0, f"model.mor.token.{key}", tc[key], "must be >= 0")
+    _check(mor.kv != "share_update", "model.mor.kv", mor.kv,
+           "share_update is the expert-choice hybrid; use cache or share")
+    if mor.kv == "share":
+      _check(tc.capacity_factor == 0 or tc.capacity_factor >= 1, "model.mor.token.capacity_factor",
+             tc.capacity_factor, "KV sharing needs every token at step 1 (0 or >= 1)")
 
 
 def validate_data(cfg: mlc.ConfigDict) -> None:

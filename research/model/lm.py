@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 from flax import nnx
 
-from research.model import recursion
+from research.model import mor, recursion
 from research.model.layers import (
     Block,
     Embed,
@@ -67,6 +67,9 @@ class LanguageModel(nnx.Module):
     self.prelude = Stack(blocks(plan.prelude), remat=remat)
     if cfg.recursion.strategy == "none":
       self.core = Stack(blocks(cfg.num_layers), remat=remat)
+    elif cfg.mor.kind != "none":
+      self.core = mor.MoR(plan, blocks(plan.num_shared), cfg, remat=remat,
+                          param_dtype=param_dtype, rngs=rngs)
     else:
       self.core = recursion.Recursion(plan, blocks(plan.num_shared), cfg, remat=remat,
                                       param_dtype=param_dtype, rngs=rngs)

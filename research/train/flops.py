@@ -1,15 +1,22 @@
 """Analytic FLOPs per token, two conventions.
 
 `train_flops_per_token`: our exact count for MFU. Every matmul (q, k, v with GQA widths, o,
-SwiGLU, LM head) at 2 FLOPs per MAC, causal attention at its useful half (QK^T and AV over T/2
-keys on average), forward + backward = 3 x forward. Embedding lookups, norms and softmax are free.
+SwiGLU, LM head, MoR routers) at 2 FLOPs per MAC, causal attention at its useful half (QK^T and AV
+over T/2 keys on average), forward + backward = 3 x forward. Embedding lookups, norms and softmax
+are free. A MoR core counts what its implementation really computes: the gathered tokens of each
+step (k_r for expert choice, the slots for token choice), or the full length for impl="masked".
 
 `paper_flops_per_token`: the MoR paper's App. D convention (shared/specs/mor.md §4.3), forward
 only: K/V projections counted as d x d (GQA ignored), attention 2*d*T per layer, no embedding or
-head. It reproduces the released step counts and sets isoFLOP budgets.
+head; a MoR step at capacity c costs c * linear + c^2 * attention (recursion-wise caching) or
+c * (linear without K/V + attention) (KV sharing, steps r >= 2); token choice assumes perfect
+balance. It reproduces the released step counts and sets isoFLOP budgets.
 """
 
 import ml_collections as mlc
+
+from research import routing
+from research.model import mor, recursion, routers
 
 
 def layer_matmul_flops(m: mlc.ConfigDict) -> float:
@@ -24,9 +31,57 @@ def layer_attention_flops(m: mlc.ConfigDict, seq_len: int) -> float:
   return 2.0 * 2 * m.num_heads * m.head_dim * seq_len / 2
 
 
+def mor_capacities(m: mlc.ConfigDict) -> tuple[float, ...]:
+  """Fraction of the tokens at each recursion step: expert capacities, or for token choice the
+  perfect-balance occupancy (Nr - r + 1) / Nr (the paper's assumption)."""
+  if m.mor.kind == "expert":
+    return mor.capacities(m)
+  return routing.default_capacities(m.recursion.num_recursions)
+
+
+def computed_tokens(m: mlc.ConfigDict, seq_len: int) -> tuple[int, ...]:
+  """Tokens per row that each MoR step's blocks really run on."""
+  nr = m.recursion.num_recursions
+  if m.mor.impl == "masked":
+    return (seq_len,) * nr
+  if m.mor.kind == "token":
+    return routing.token_buffers(nr, seq_len, m.mor.token.capacity_factor)
+  if m.mor.expert.cap_warmup_steps > 0:  # no compaction while the capacities warm up
+    return (seq_len,) * nr
+  return routing.tokens_per_step(mor.capacities(m), seq_len)
+
+
+def router_flops(m: mlc.ConfigDict, seq_len: int) -> float:
+  """Forward FLOPs per token of the MoR routers over their candidates."""
+  d, nr = m.d_model, m.recursion.num_recursions
+  hidden = routers.HIDDEN[m.mor.router] * d
+
+  def per_token(out):
+    return 2.0 * (d * hidden + hidden * out if hidden else d * out)
+
+  if m.mor.kind == "token":
+    return per_token(nr)
+  candidates = (seq_len, *computed_tokens(m, seq_len)[:-1])
+  copies = 2 if m.mor.expert.sampling == "aux_router" else 1
+  return copies * per_token(1) * sum(candidates) / seq_len
+
+
 def forward_flops_per_token(m: mlc.ConfigDict, seq_len: int) -> float:
   per_layer = layer_matmul_flops(m) + layer_attention_flops(m, seq_len)
-  return m.num_layers * per_layer + 2.0 * m.d_model * m.vocab_size
+  head = 2.0 * m.d_model * m.vocab_size
+  if m.mor.kind == "none":
+    return m.num_layers * per_layer + head
+  plan = recursion.make_plan(m.recursion.strategy, m.num_layers, m.recursion.num_recursions)
+  kv_proj = 2.0 * 2 * m.d_model * m.num_kv_heads * m.head_dim
+  total = (plan.prelude + plan.coda) * per_layer + head + router_flops(m, seq_len)
+  for r, n in enumerate(computed_tokens(m, seq_len)):
+    if r == 0 or m.mor.kv == "cache":
+      step = layer_matmul_flops(m) + layer_attention_flops(m, n)
+    else:  # queries of the step over recursion 1's keys; "share" skips the K/V projections
+      step = (layer_matmul_flops(m) - (kv_proj if m.mor.kv == "share" else 0.0)
+              + layer_attention_flops(m, seq_len))
+    total += plan.num_shared * n / seq_len * step
+  return total
 
 
 def train_flops_per_token(m: mlc.ConfigDict, seq_len: int) -> float:
@@ -34,6 +89,26 @@ def train_flops_per_token(m: mlc.ConfigDict, seq_len: int) -> float:
 
 
 def paper_flops_per_token(m: mlc.ConfigDict, seq_len: int) -> float:
-  """MoR App. D: L * (2 (4 d^2 + 3 d d_ff) + 2 d T), forward only."""
+  """MoR App. D: L * (2 (4 d^2 + 3 d d_ff) + 2 d T), forward only; MoR steps as in §4.3."""
   d = m.d_model
-  return m.num_layers * (2.0 * (4 * d * d + 3 * d * m.d_ff) + 2.0 * d * seq_len)
+  linear = 2.0 * (4 * d * d + 3 * d * m.d_ff)
+  attn = 2.0 * d * seq_len
+  if m.mor.kind == "none":
+    return m.num_layers * (linear + attn)
+  plan = recursion.make_plan(m.recursion.strategy, m.num_layers, m.recursion.num_recursions)
+  no_kv = 2.0 * (2 * d * d + 3 * d * m.d_ff)
+  total = (plan.prelude + plan.coda) * (linear + attn)
+  for r, c in enumerate(mor_capacities(m)):
+    if r == 0 or m.mor.kv == "cache":
+      step = c * linear + c * c * attn
+    else:  # q-length c T over all T keys; share skips the K/V projections
+      step = c * ((no_kv if m.mor.kv == "share" else linear) + attn)
+    total += plan.num_shared * step
+  return total
+
+
+def kv_cache_fraction(m: mlc.ConfigDict) -> float:
+  """KV memory of the recursion steps relative to caching every token at every step (Table 2):
+  mean c_r with recursion-wise caching ((Nr + 1) / (2 Nr) by default), 1 / Nr with sharing."""
+  caps = mor_capacities(m)
+  return 1.0 / len(caps) if m.mor.kv != "cache" else sum(caps) / len(caps)

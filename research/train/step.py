@@ -4,6 +4,12 @@ Loss = token-mean next-token NLL over positions whose target is in the same docu
 aux entry of the model whose key starts with "loss/" (already weighted by the model). With
 gradient accumulation the micro-batch gradients are summed with weights that make the result
 equal to the single big-batch gradient of that loss.
+
+Non-trainable model variables that learn from the data (MoR's loss-free balancing bias, warm-up
+counters) change only through the step: the model returns their new values as aux entries
+"update/<path>" ("/"-joined path in the model's non-Param state, e.g. "update/core/bias"); the
+step averages them over the micro-batches like every aux entry and writes them into
+state["other"] after the optimizer update, so a step that is skipped changes none of them.
 """
 
 from typing import Any
@@ -35,6 +41,24 @@ def nll_sum(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array, dict
 
 def aux_loss(aux: dict) -> jax.Array:
   return sum((v for k, v in aux.items() if k.startswith("loss/")), jnp.zeros((), jnp.float32))
+
+
+UPDATE = "update/"  # aux key prefix: the new value of the non-Param variable at the path after it
+
+
+def with_updates(other: nnx.State, aux: dict) -> nnx.State:
+  """`other` with each aux["update/<path>"] written into the variable at <path>."""
+  updates = {k[len(UPDATE):]: v for k, v in aux.items() if k.startswith(UPDATE)}
+  if not updates:
+    return other
+  flat = list(nnx.to_flat_state(other))
+  names = ["/".join(map(str, path)) for path, _ in flat]
+  unknown = set(updates) - set(names)
+  if unknown:
+    raise KeyError(f"aux update keys {sorted(unknown)} name no non-Param variable of the model")
+  return nnx.from_flat_state([
+      (path, var.replace(updates[name].astype(var.dtype)) if name in updates else var)
+      for name, (path, var) in zip(names, flat, strict=True)])
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
@@ -73,14 +97,15 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     ok = finite if policy == "skip" else finite & (state["skipped"] == 0)
     new = dict(step=state["step"] + 1, skipped=state["skipped"],
-               params=optax.apply_updates(state["params"], updates), other=state["other"],
-               opt=opt)
+               params=optax.apply_updates(state["params"], updates),
+               other=with_updates(state["other"], aux), opt=opt)
     new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
     new["skipped"] = jnp.where(ok, 0, state["skipped"] + 1)
     if policy == "skip":
       new["step"] = state["step"] + 1
     metrics = dict(loss=loss, nll=nll, grad_norm=grad_norm, lr=schedule(state["step"]),
-                   targets=jnp.sum(counts), finite=finite, skipped=new["skipped"], **aux)
+                   targets=jnp.sum(counts), finite=finite, skipped=new["skipped"],
+                   **{k: v for k, v in aux.items() if not k.startswith(UPDATE)})
     return new, metrics
 
   return train_step

@@ -1,0 +1,41 @@
+"""Mixture-of-Recursions (Bae et al. 2025, arXiv 2507.10524): the paper's final designs.
+
+  python launch.py --config=configs/mor.py:tiny --workdir=runs/mor_tiny
+  python launch.py --config=configs/mor.py:360m,token --workdir=runs/mor_token_360m
+  python launch.py --config=configs/mor.py:tiny --config.model.mor.kv=share ...
+
+`arg` = <preset>[,expert|token]. Middle-cycle sharing, Nr = 3, the unrolled depth rounded up so
+that (L - 2) divides by Nr as the paper does (135M: 30 -> 32 layers; tiny 4 -> 5, small 8, 360M
+32). Expert choice (default; mor.md §2.6): linear router, gate 0.1 * sigmoid, auxiliary BCE 0.001,
+capacities (1, 2/3, 1/3), recursion-wise KV caching, no z-loss. Token choice: linear router,
+softmax (alpha 1), balancing loss 0.1, z-loss 1e-5.
+"""
+
+import ml_collections as mlc
+
+from configs import base, presets
+from research.model import recursion
+
+
+def mor_depth(num_layers: int, num_recursions: int) -> int:
+  """The smallest depth >= num_layers whose middle (L - 2) divides by Nr (paper App. D)."""
+  return recursion.nearest_valid_depths(num_layers, num_recursions, 2)[1]
+
+
+def set_design(c: mlc.ConfigDict, kind: str, num_recursions: int = 3) -> mlc.ConfigDict:
+  """Middle-cycle MoR of `kind` (none: plain recursive) at the preset's rounded-up depth."""
+  r, mor = c.model.recursion, c.model.mor
+  r.strategy, r.num_recursions = "middle_cycle", num_recursions
+  mor.kind, mor.router, mor.kv = kind, "linear", "cache"
+  mor.z_coeff = 1e-5 if kind == "token" else 0.0
+  return c
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+  preset, _, kind = (arg or "tiny").partition(",")
+  if kind not in ("", "expert", "token"):
+    raise ValueError(f"--config=configs/mor.py:{arg}: the variant after the comma must be "
+                     "expert or token")
+  c = presets.apply(base.get_config(), preset)
+  c.model.num_layers = mor_depth(c.model.num_layers, 3)
+  return set_design(c, kind or "expert")
