@@ -1,12 +1,14 @@
 """The training loop (nanodo style): set up, restore, step, evaluate, checkpoint, log.
 
 Guarantees (docs/reliability.md): re-running the same command resumes from the newest readable
-checkpoint with the data iterator where it was, so losses continue bit-identically on CPU;
-SIGTERM/SIGINT finish the current step, checkpoint and exit 0 (a second signal aborts); a
-non-finite loss or gradient never reaches the parameters.
+checkpoint with the data iterator where it was, so losses continue bit-identically on CPU, and
+metrics.jsonl keeps one record per step; SIGTERM/SIGINT, from set-up on, finish the current step,
+checkpoint and exit 0 (a second signal aborts); a non-finite loss or gradient never reaches the
+parameters, and no checkpoint holds NaN or Inf.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -72,18 +74,24 @@ def total_steps(cfg: mlc.ConfigDict) -> int:
 
 
 def check_workdir_config(cfg: mlc.ConfigDict, workdir: str) -> None:
-  """Refuses a workdir that holds a run with different run-defining keys (unless allowed)."""
+  """Refuses a workdir that holds a run with different run-defining keys (unless allowed);
+  a training run then records its config there (eval mode writes nothing)."""
   path = os.path.join(workdir, "config.json")
+  new = _flatten(json.loads(cfg.to_json_best_effort()))
   if os.path.exists(path):
     with open(path) as f:
-      old = mlc.ConfigDict(json.load(f))
-    changed = [k for k in RUN_DEFINING if _get(old, k) != _get(cfg, k)]
+      old = _flatten(json.load(f))
+    defining = lambda k: any(k == p or k.startswith(f"{p}.") for p in RUN_DEFINING)
+    changed = [k for k in sorted(set(old) | set(new))
+               if defining(k) and old.get(k, "(absent)") != new.get(k, "(absent)")]
     if changed and not cfg.allow_config_change:
-      details = "; ".join(f"{k}: {_get(old, k)!r} -> {_get(cfg, k)!r}" for k in changed)
+      details = "; ".join(f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
+                          for k in changed[:5])
+      more = f"; and {len(changed) - 5} more" if len(changed) > 5 else ""
       raise config_lib.ConfigError(
-          f"{workdir} holds a run with a different config ({details}). Use a new --workdir, or "
-          "pass --config.allow_config_change=True to resume it anyway.")
-  if jax.process_index() == 0:
+          f"{workdir} holds a run with a different config ({details}{more}). Use a new "
+          "--workdir, or pass --config.allow_config_change=True to resume it anyway.")
+  if cfg.mode == "train" and jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -91,18 +99,28 @@ def check_workdir_config(cfg: mlc.ConfigDict, workdir: str) -> None:
     os.replace(tmp, path)
 
 
-def _get(cfg: mlc.ConfigDict, dotted: str) -> Any:
-  for part in dotted.split("."):
-    cfg = cfg.get(part) if isinstance(cfg, mlc.ConfigDict) else None
-  return cfg.to_dict() if isinstance(cfg, mlc.ConfigDict) else cfg
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """{"a": {"b": 1}} -> {"a.b": 1}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
 
 
 def setup(cfg: mlc.ConfigDict, workdir: str) -> Run:
   mesh = mesh_lib.make_mesh(cfg.mesh)
   config_lib.validate_against_devices(cfg, tuple(mesh.shape.values()), jax.process_count())
   cache_dir = cfg.data.cache_dir or os.path.join(workdir, "cache")
-  train_docs, valid_docs = corpus.load_split(cfg.data, cache_dir)
-  tok = tokenizer_lib.get_tokenizer(cfg.data, cache_dir, train_docs)
+  try:
+    train_docs, valid_docs = corpus.load_split(cfg.data, cache_dir)
+    tok = tokenizer_lib.get_tokenizer(cfg.data, cache_dir, train_docs)
+  except (OSError, ValueError) as e:  # missing, empty or malformed data / tokenizer files
+    raise config_lib.ConfigError(
+        f"config.data (source={cfg.data.source!r}, train_files={cfg.data.train_files!r}, "
+        f"tokenizer={cfg.data.tokenizer!r}): {e}") from e
   cfg = config_lib.with_derived(cfg, tok.get_vocab_size())
   check_workdir_config(cfg, workdir)
 
@@ -168,11 +186,13 @@ class SignalGuard:
       signal.signal(sig, handler)
 
   def _handle(self, signum, frame):
+    name = signal.Signals(signum).name
     if self.requested is not None:
-      print(f"second {signal.Signals(signum).name}: aborting without a checkpoint",
-            file=sys.stderr, flush=True)
+      os.write(2, f"second signal ({name}): aborting without a checkpoint\n".encode())
       os._exit(130)
-    self.requested = signal.Signals(signum).name
+    self.requested = name
+    os.write(2, f"{name}: stopping after the current step with a checkpoint (signal again to "
+                "abort)\n".encode())
 
   def should_stop(self) -> bool:
     flag = self.requested is not None
@@ -181,29 +201,57 @@ class SignalGuard:
     return flag
 
 
-def restore_or_init(run: Run, mngr, data_iter) -> tuple[Any, int]:
-  """The restored (state, step) of restore_from / the newest readable checkpoint, or a fresh one."""
+def tokenizer_facts(tok) -> dict:
+  """What a checkpoint records about its tokenizer, to refuse loading it with another one."""
+  return {"tokenizer_vocab": tok.get_vocab_size(),
+          "tokenizer_sha256": hashlib.sha256(tok.to_str().encode()).hexdigest()}
+
+
+def check_tokenizer(run: Run, meta: dict) -> None:
+  """Raises ConfigError if the checkpoint `meta` was trained with another tokenizer."""
+  facts = tokenizer_facts(run.tokenizer)
+  if meta.get("tokenizer_vocab") != facts["tokenizer_vocab"]:
+    raise config_lib.ConfigError(
+        f"config.data.tokenizer={run.cfg.data.tokenizer!r} (bpe_vocab_size="
+        f"{run.cfg.data.bpe_vocab_size}) gives {facts['tokenizer_vocab']} tokens but the "
+        f"checkpoint at step {meta.get('step')} was trained with a "
+        f"{meta.get('tokenizer_vocab')}-token tokenizer")
+  if meta.get("tokenizer_sha256", facts["tokenizer_sha256"]) != facts["tokenizer_sha256"]:
+    raise config_lib.ConfigError(
+        f"config.data.tokenizer={run.cfg.data.tokenizer!r}: not the tokenizer the checkpoint at "
+        f"step {meta.get('step')} was trained with (same size, different vocabulary or merges)")
+
+
+def restore_or_init(run: Run, mngr, *, for_eval: bool = False) -> tuple[Any, int, Any]:
+  """(state, step, train iterator): the run's newest readable checkpoint, else restore_from,
+  else a fresh start. The run's own checkpoints win over restore_from so that a restarted run
+  never rolls back (`for_eval`: restore_from wins); if none of them loads, that is an error."""
   cfg = run.cfg
+  new_iter = lambda: make_iterator(run, run.train_docs, train=True)
+  check = lambda meta: check_tokenizer(run, meta)
   restored = None
-  if cfg.checkpoint.restore_from:
-    restored = checkpoint.restore_from_path(cfg.checkpoint.restore_from, run.abstract_state,
-                                            data_iter)
-  elif mngr.all_steps():
-    restored = checkpoint.restore_latest(mngr, run.abstract_state, data_iter)
+  own = bool(mngr.all_steps()) and not (for_eval and cfg.checkpoint.restore_from)
+  if own:
+    restored = checkpoint.restore_latest(mngr, run.abstract_state, new_iter, check,
+                                         move_aside=not for_eval)
     if restored is None:
-      logging.warning("no checkpoint in %s could be loaded; starting from scratch", mngr.directory)
+      raise config_lib.ConfigError(
+          f"no checkpoint in {mngr.directory} could be loaded (each is named in a warning above); "
+          "move them away to start over, or use a new --workdir")
+    if cfg.checkpoint.restore_from:
+      logging.warning("config.checkpoint.restore_from=%r is ignored: %s holds this run's own "
+                      "checkpoints (to roll back, use a new --workdir)",
+                      cfg.checkpoint.restore_from, mngr.directory)
+  elif cfg.checkpoint.restore_from:
+    restored = checkpoint.restore_from_path(cfg.checkpoint.restore_from, run.abstract_state,
+                                            new_iter, check)
   if restored is None:
     with jax.set_mesh(run.mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_RULES):
       state = jax.jit(run.init_state, out_shardings=run.state_shardings)(
           jax.random.key(cfg.seed))
-    return state, 0
-  state, meta = restored
-  vocab = run.tokenizer.get_vocab_size()
-  if meta.get("tokenizer_vocab") != vocab:
-    raise config_lib.ConfigError(
-        f"the checkpoint was trained with a {meta.get('tokenizer_vocab')}-token tokenizer but "
-        f"config.data.tokenizer={cfg.data.tokenizer!r} gives {vocab} tokens")
-  return state, int(meta["step"])
+    return state, 0, new_iter()
+  state, meta, data_iter = restored
+  return state, int(meta["step"]), data_iter
 
 
 def compile_steps(run: Run):
@@ -231,110 +279,144 @@ def perf_metrics(run: Run, steps: int, seconds: float) -> dict[str, float]:
           "flops_per_s": achieved, "mfu": achieved / (peak_flops * devices)}
 
 
-def train(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) the run in `workdir`; returns the final validation metrics."""
+def train(cfg: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns the final validation metrics, the status
+  (ok, "stopped by SIGTERM", nonfinite) and the step of the last checkpoint."""
+  with SignalGuard() as guard:  # from the start: a signal during set-up or compilation counts
+    return _train(cfg, workdir, guard)
+
+
+def _train(cfg: mlc.ConfigDict, workdir: str, guard: SignalGuard) -> dict[str, Any]:
   run = setup(cfg, workdir)
   cfg = run.cfg
   writer = metrics_lib.MetricWriter(workdir, cfg, enabled=run.is_main)
   mngr = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                                  async_save=cfg.checkpoint.async_save)
-  train_iter = make_iterator(run, run.train_docs, train=True)
-  state, step = restore_or_init(run, mngr, train_iter)
-  train_step, eval_step = compile_steps(run)
-  meta = {"tokenizer_vocab": run.tokenizer.get_vocab_size(), "config": cfg.to_dict()}
+  bar = None
+  try:
+    state, step, train_iter = restore_or_init(run, mngr)
+    writer.truncate(step)  # records logged after this checkpoint by a killed run are redone
+    train_step, eval_step = compile_steps(run)
+    meta = dict(tokenizer_facts(run.tokenizer), config=cfg.to_dict())
 
-  def save(state) -> int:
-    """Checkpoints `state` under its own step; a state frozen by a bad step is saved as the
-    last good one (skipped reset), so a resumed run can continue from it."""
-    at, skipped = (int(x) for x in jax.device_get((state["step"], state["skipped"])))
-    if skipped and cfg.train.nonfinite == "stop":
-      state = dict(state, skipped=jnp.zeros_like(state["skipped"]))
-    checkpoint.save(mngr, at, state, train_iter, dict(meta, step=at))
-    return at
+    def save(state) -> int:
+      """Checkpoints `state` under its own step; a state frozen by a bad step is saved as the
+      last good one (skipped reset), so a resumed run can continue from it."""
+      at, skipped = (int(x) for x in jax.device_get((state["step"], state["skipped"])))
+      if skipped and cfg.train.nonfinite == "stop":
+        state = dict(state, skipped=jnp.zeros_like(state["skipped"]))
+      checkpoint.save(mngr, at, state, train_iter, dict(meta, step=at))
+      return at
 
-  if run.is_main:
-    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    logging.info("%s: %d params, %d steps (from step %d), mesh %s", workdir, n_params,
-                 run.total_steps, step, dict(run.mesh.shape))
-  bar = tqdm(total=run.total_steps, initial=step, disable=not (run.is_main and cfg.train.progress),
-             mininterval=2.0, dynamic_ncols=True, file=sys.stderr)
-  pending, status = None, "ok"
-  t_last, step_last = time.perf_counter(), step
-  with SignalGuard() as guard:
+    if run.is_main:
+      n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+      logging.info("%s: %d params, %d steps (from step %d), mesh %s", workdir, n_params,
+                   run.total_steps, step, dict(run.mesh.shape))
+    bar = tqdm(total=run.total_steps, initial=step, mininterval=2.0, dynamic_ncols=True,
+               disable=not (run.is_main and cfg.train.progress), file=sys.stderr)
+    pending, status, bad_step = None, "ok", None
+    t_last, step_last = time.perf_counter(), step
+
+    def flush() -> str:
+      """Reports the pending step's metrics: ok / nonfinite (bad_step is then set)."""
+      nonlocal pending, bad_step, t_last, step_last
+      if pending is None:
+        return "ok"
+      at, step_metrics = pending
+      pending = None
+      result = _report(run, writer, bar, at, step_metrics, t_last, step_last)
+      if result != "ok":
+        bad_step = bad_step or at
+      elif at % cfg.train.log_every == 0:
+        t_last, step_last = time.perf_counter(), at
+      return result
+
     while step < run.total_steps:
+      if guard.should_stop():
+        status = f"stopped by {guard.requested or 'a signal to another process'}"
+        break
       batch = mesh_lib.host_to_global(next(train_iter), run.mesh)
       state, step_metrics = train_step(state, batch)
       step += 1
-      if pending is not None:  # the previous step's metrics: no host sync on the current one
-        status = _report(run, writer, bar, *pending, t_last, step_last)
-        if pending[0] % cfg.train.log_every == 0:
-          t_last, step_last = time.perf_counter(), pending[0]
-      pending = (step, step_metrics)
+      status = flush()  # the previous step's metrics: no host sync on the current one
       if status != "ok":
-        pending = None  # the state is frozen at the last good step; its metrics mean nothing
-        break
+        if cfg.train.nonfinite == "skip":  # the state includes this step: log it too
+          pending = (step, step_metrics)
+        break  # policy stop: the state is frozen at the last good step
+      pending = (step, step_metrics)
       if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < run.total_steps:
         writer.write(step, evaluate(run, eval_step, state), kind="valid")
       if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+        status = flush()  # a checkpoint never gets ahead of metrics.jsonl
+        if status != "ok":
+          break
         save(state)
-      if guard.should_stop():
-        status = f"stopped by {guard.requested}"
-        break
-    if pending is not None:
-      last = _report(run, writer, bar, *pending, t_last, step_last)
-      status = last if last != "ok" else status
+    last = flush()
+    status = last if last != "ok" else status
     final_step = save(state)
     mngr.wait_until_finished()
-  bar.close()
-  result = {}
-  if status.startswith("stopped"):
-    print(f"{status} at step {final_step}; checkpoint saved in {mngr.directory}", flush=True)
-  elif status == "nonfinite":
-    print(f"non-finite loss or gradient at step {final_step + 1}; last good state (step "
-          f"{final_step}) saved in {mngr.directory}", flush=True)
-  else:
-    result = evaluate(run, eval_step, state)
-    writer.write(final_step, result, kind="valid")
+    bar.close()
+    result = {}
+    if status == "ok":
+      result = evaluate(run, eval_step, state)
+      writer.write(final_step, result, kind="valid", replace=True)  # a re-run finished run
+      message = (f"step {final_step}: validation nll {result['nll']:.4f} "
+                 f"(ppl {result['ppl']:.2f})")
+    elif status != "nonfinite":
+      message = f"{status} at step {final_step}; checkpoint saved in {mngr.directory}"
+    elif cfg.train.nonfinite == "stop":
+      message = (f"non-finite loss or gradient at step {bad_step}; stopped with the last good "
+                 f"state (step {final_step}) saved in {mngr.directory}")
+    else:
+      message = (f"config.train.max_skipped={cfg.train.max_skipped} non-finite steps in a row "
+                 f"at step {bad_step}; stopped with the state of step {final_step} (skipped "
+                 f"updates dropped) saved in {mngr.directory}")
     if run.is_main:
-      print(f"step {final_step}: validation nll {result['nll']:.4f} (ppl {result['ppl']:.2f})",
-            flush=True)
-  mngr.close()
-  writer.close()
-  return dict(result, status=status, step=final_step)
+      print(message, flush=True)
+    return dict(result, status=status, step=final_step)
+  finally:
+    if bar is not None:
+      bar.close()
+    mngr.close()
+    writer.close()
 
 
 def _report(run: Run, writer, bar, step: int, step_metrics, t_last: float,
             step_last: int) -> str:
-  """Fetches a finished step's metrics; logs them; returns ok / nonfinite / too_many_skipped."""
+  """Fetches a finished step's metrics and logs them (a non-finite step always); returns ok, or
+  nonfinite when the run must stop (policy stop, or max_skipped skipped steps in a row)."""
   cfg = run.cfg
   m = jax.device_get(step_metrics)
-  if not bool(m["finite"]):
-    if cfg.train.nonfinite == "stop" or int(m["skipped"]) >= cfg.train.max_skipped:
-      return "nonfinite"
-    logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step,
-                    int(m["skipped"]))
-  if step % cfg.train.log_every == 0 or step == run.total_steps:
+  finite = bool(m["finite"])
+  if not finite or step % cfg.train.log_every == 0 or step == run.total_steps:
     elapsed = time.perf_counter() - t_last
     record = dict(m, **perf_metrics(run, max(step - step_last, 1), elapsed))
     writer.write(step, record)
     bar.set_postfix(loss=f"{float(m['loss']):.3f}", refresh=False)
   bar.update(step - bar.n)
+  if finite:
+    return "ok"
+  if cfg.train.nonfinite == "stop" or int(m["skipped"]) >= cfg.train.max_skipped:
+    return "nonfinite"
+  logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step,
+                  int(m["skipped"]))
   return "ok"
 
 
 def evaluate_checkpoint(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
-  """Validation NLL of the newest readable checkpoint in `workdir` (or restore_from)."""
+  """Validation NLL of config.checkpoint.restore_from, else of the newest readable checkpoint."""
   run = setup(cfg, workdir)
-  mngr = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
-                                 async_save=False)
-  data_iter = make_iterator(run, run.train_docs, train=True)
-  if not (cfg.checkpoint.restore_from or mngr.all_steps()):
-    raise config_lib.ConfigError(f"config.mode='eval': {workdir} holds no checkpoint to evaluate")
-  state, step = restore_or_init(run, mngr, data_iter)
-  _, eval_step = compile_steps(run)
-  result = evaluate(run, eval_step, state)
+  mngr = checkpoint.open_manager(os.path.join(workdir, "checkpoints"))
+  try:
+    if not (cfg.checkpoint.restore_from or mngr.all_steps()):
+      raise config_lib.ConfigError(
+          f"config.mode='eval': {workdir} holds no checkpoint to evaluate")
+    state, step, _ = restore_or_init(run, mngr, for_eval=True)
+    _, eval_step = compile_steps(run)
+    result = evaluate(run, eval_step, state)
+  finally:
+    mngr.close()
   if run.is_main:
     print(f"step {step}: validation nll {result['nll']:.4f} (ppl {result['ppl']:.2f})",
           flush=True)
-  mngr.close()
   return dict(result, step=step)

@@ -1,15 +1,24 @@
 """Metric sinks: metrics.jsonl in the workdir (always), Weights & Biases (best effort), stdout.
 
-W&B never stops training: a failing init or log is reported once and W&B is turned off for the
-rest of the run; metrics.jsonl is still written.
+W&B never stops training: an online init that fails (no network, no API key) is retried offline
+(`wandb sync` uploads it later); a failing init or log is reported once and W&B is turned off for
+the rest of the run; metrics.jsonl is still written. Without network an online init gives up after
+about INIT_TIMEOUT_S + 10 seconds (the environment variable WANDB_INIT_TIMEOUT overrides it).
+
+A resumed run first drops the records logged after its checkpoint (`truncate`), and the final
+evaluation replaces one at the same step, so metrics.jsonl holds one record per step and kind
+however often the run was killed or re-run.
 """
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections as mlc
 from absl import logging
+
+INIT_TIMEOUT_S = 20.0
 
 
 class MetricWriter:
@@ -22,9 +31,17 @@ class MetricWriter:
     if enabled and cfg.wandb.mode != "disabled":
       self.wandb = _init_wandb(workdir, cfg)
 
-  def write(self, step: int, metrics: dict[str, Any], *, kind: str = "train") -> None:
+  def truncate(self, step: int) -> None:
+    """Atomically drops the records with a step after `step` and any half-written line."""
+    self._rewrite(lambda r: r["step"] <= step)
+
+  def write(self, step: int, metrics: dict[str, Any], *, kind: str = "train",
+            replace: bool = False) -> None:
+    """Appends a record; `replace` first drops an earlier record of the same step and kind."""
     if not self.enabled:
       return
+    if replace:
+      self._rewrite(lambda r: (r["step"], r["kind"]) != (step, kind))
     record = {"step": int(step), "kind": kind, **{k: _scalar(v) for k, v in metrics.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
@@ -35,6 +52,23 @@ class MetricWriter:
       except Exception as e:  # W&B must never stop a run
         logging.warning("wandb.log failed (%s); W&B logging is off for this run", e)
         self.wandb = None
+
+  def _rewrite(self, keep: Callable[[dict], bool]) -> None:
+    """Atomically rewrites metrics.jsonl with the records for which keep(record) holds."""
+    if not (self.enabled and os.path.exists(self.path)):
+      return
+    kept = []
+    with open(self.path) as f:
+      for line in f:
+        try:
+          if keep(json.loads(line)):
+            kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+          pass  # a line cut short by a kill
+    tmp = f"{self.path}.tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, self.path)
 
   def close(self) -> None:
     if self.wandb is not None:
@@ -52,21 +86,31 @@ def _scalar(v: Any) -> Any:
 
 
 def _init_wandb(workdir: str, cfg: mlc.ConfigDict):
-  w = cfg.wandb
-  try:
-    import wandb
+  """A W&B run in cfg.wandb.mode, else (online failed) an offline one, else None."""
+  modes = ["online", "offline"] if cfg.wandb.mode == "online" else [cfg.wandb.mode]
+  for mode in modes:
+    try:
+      return _wandb_run(workdir, cfg, mode)
+    except Exception as e:  # W&B must never stop a run
+      why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+      then = "retrying offline" if mode != modes[-1] else "continuing with metrics.jsonl only"
+      logging.warning("wandb.init(mode=%r) failed (%s); %s", mode, why, then)
+  return None
 
-    run_id_file = os.path.join(workdir, "wandb_run_id")
-    run_id = open(run_id_file).read().strip() if os.path.exists(run_id_file) else None
-    run = wandb.init(
-        project=w.project, entity=w.entity or None, group=w.group or None,
-        tags=[t for t in w.tags.split(",") if t] or None, mode=w.mode,
-        name=w.name or os.path.basename(os.path.abspath(workdir)), dir=workdir,
-        config=cfg.to_dict(), id=run_id, resume="allow")
-    with open(run_id_file, "w") as f:
-      f.write(run.id)
-    return run
-  except Exception as e:  # W&B must never stop a run
-    logging.warning("wandb.init failed (%s: %s); continuing with metrics.jsonl only",
-                    type(e).__name__, e)
-    return None
+
+def _wandb_run(workdir: str, cfg: mlc.ConfigDict, mode: str):
+  import wandb
+
+  w = cfg.wandb
+  run_id_file = os.path.join(workdir, "wandb_run_id")
+  run_id = open(run_id_file).read().strip() if os.path.exists(run_id_file) else None
+  timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S))
+  run = wandb.init(
+      project=w.project, entity=w.entity or None, group=w.group or None,
+      tags=[t for t in w.tags.split(",") if t] or None, mode=mode,
+      name=w.name or os.path.basename(os.path.abspath(workdir)), dir=workdir,
+      config=cfg.to_dict(), id=run_id, resume="allow",
+      settings=wandb.Settings(init_timeout=timeout))
+  with open(run_id_file, "w") as f:
+    f.write(run.id)
+  return run
