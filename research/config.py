@@ -73,6 +73,8 @@ def validate_model(cfg: mlc.ConfigDict) -> None:
   _one_of(cfg, "model.recursion.init", RECURSIVE_INITS)
   _one_of(cfg, "model.recursion.lora_init", LORA_INITS)
   if m.init_from:
+    _check(m.mor.kind == "none", "model.init_from", m.init_from,
+           "initialising a MoR core from a pretrained model is not supported yet")
     _check(os.path.exists(m.init_from), "model.init_from", m.init_from,
            "no such file or directory (an HF Llama directory or a .gguf file)")
   validate_mor(cfg)

@@ -43,6 +43,8 @@ def test_indivisible_depth_names_the_nearest_valid_ones():
     recursion.make_plan("middle_cycle", 32, 4)
   with pytest.raises(ValueError, match=r"nearest valid depths: 9 or 12"):
     recursion.make_plan("cycle", 10, 3)
+  with pytest.raises(ValueError, match=r"nearest valid depths: 4$"):
+    recursion.make_plan("middle_cycle", 2, 2)
   c = base.get_config()
   c.model.recursion.update(strategy="middle_cycle", num_recursions=4)
   c.model.num_layers = 32

@@ -11,15 +11,15 @@ import importlib.util
 import jax
 import ml_collections as mlc
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
-from flax import nnx
 
 from configs import base, rrt
 from research import config as config_lib
 from research.convert import gguf_llama, hf_llama, recursive_init, reference
 from research.data import tokenizer as tokenizer_lib
 from research.model import recursion
-from research.model.lm import LanguageModel
+from tests import launch_util
 from tests.test_convert import (
   HF_CONFIG,
   SHAKESPEARE,
@@ -270,41 +270,33 @@ def test_config_validation_names_the_key(key, value, needle):
 # --- the training-loop hook ---------------------------------------------------------------------
 
 
-def test_loop_hook_puts_the_pretrained_params_into_the_sharded_state(tiny, tmp_path, mesh):
-  path, _, _ = tiny
-  c = base.get_config()
-  c.model.compute_dtype = "float32"
-  c.model.init_from = path
-  c.model.recursion.update(strategy="middle_cycle", num_recursions=2, lora_rank=FULL,
-                           share_norms=False, init="average")
-  config_lib.validate(c)
-  cfg = recursive_init.with_pretrained(c, str(tmp_path / "cache"))  # before with_derived
-  assert cfg.data.tokenizer == f"{path}/tokenizer.json"
-  assert (cfg.model.d_model, cfg.model.num_layers, cfg.model.vocab_size) == (32, 6, 300)
-  tok = tokenizer_lib.get_tokenizer(cfg.data, str(tmp_path / "cache"), [])
-  cfg = config_lib.with_derived(cfg, tok.get_vocab_size())
+def test_launcher_starts_from_the_converted_pretrained_weights(tiny, tmp_path):
+  """launch.py with model.init_from: after one step at lr 0 (warm-up), the checkpoint holds
+  exactly the converted parameters, the vocabulary is the checkpoint's and training runs on."""
+  path, _, vanilla = tiny
+  launcher = launch_util.Launcher(tmp_path / "shared", config="configs/rrt.py:tiny")
+  overrides = {"model.init_from": path, "model.recursion.strategy": "middle_cycle",
+               "model.recursion.num_recursions": 2, "model.recursion.lora_rank": 4,
+               "model.recursion.init": "average", "train.steps": 1, "train.warmup_steps": 1,
+               "model.compute_dtype": "float32",
+               "model.num_layers": 6}  # validated before the checkpoint is read
+  result = launcher.run(tmp_path / "run", overrides)
+  assert result.returncode == 0, result.stderr[-2000:]
+  saved = ocp.StandardCheckpointer().restore(str(tmp_path / "run" / "checkpoints" / "1" / "state"))
+  cfg = base.get_config().model
+  cfg.update(hf_llama.config_overrides(TINY))
+  cfg.recursion.update(strategy="middle_cycle", num_recursions=2, lora_rank=4)
+  want = recursive_init.recursive_params(vanilla, cfg, "average")
+  def flat(tree):  # path -> array, orbax's "/value" leaf of each nnx.Variable dropped
+    paths = jax.tree_util.tree_leaves_with_path(tree)
+    return {"/".join(str(getattr(k, "key", k)) for k in p).removesuffix("/value"): np.asarray(x)
+            for p, x in paths}
 
-  def init_state(key):  # as research/train/loop.py
-    _, params, other = nnx.split(LanguageModel(cfg.model, rngs=nnx.Rngs(key)), nnx.Param, ...)
-    return dict(params=params, other=other)
-
-  abstract = jax.eval_shape(init_state, jax.random.key(0))
-  shardings = nnx.get_named_sharding(abstract, mesh)
-  state = jax.jit(init_state, out_shardings=shardings)(jax.random.key(0))
-  pure = recursive_init.init_params_from_config(cfg.model, seed=cfg.seed)
-  nnx.replace_by_pure_dict(state["params"], pure)
-  state["params"] = jax.device_put(state["params"], shardings["params"])
-  got = nnx.to_pure_dict(state["params"])
-  jax.tree.map(np.testing.assert_array_equal, got, pure)
-  assert jax.tree.leaves(got)[0].sharding == jax.tree.leaves(shardings["params"])[0]
-  # the same parameters as the model whose logits reproduce the checkpoint's (tested above)
-  _, model = recursive_init.load_recursive_from_pretrained(path, cfg.model, "average")
-  jax.tree.map(np.testing.assert_array_equal, got, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  assert recursive_init.init_params_from_config(base.get_config().model) is None
-  cfg.model.num_heads = 8
-  with pytest.raises(config_lib.ConfigError, match=r"config.model.num_heads=8: the checkpoint"):
-    recursive_init.init_params_from_config(cfg.model)
-
+  got, want = flat(saved["params"]), flat(want)
+  assert got.keys() == want.keys()
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  assert got["embed/embedding"].shape[0] == 300  # the checkpoint's vocabulary, not a BPE's
 
 def test_gguf_tokenizer_file(tmp_path):
   c = dict(TINY, vocab_size=259)

@@ -144,3 +144,16 @@ def test_wsd_lengths_round_like_the_released_mor_configs():
   sched = optimizer.make_schedule(t, 9438)  # vanilla 360M at 16.5e18: decay over 1888 steps
   assert float(sched(9438 - 1888)) == pytest.approx(1.0)
   assert float(sched(9438 - 1887)) < 1.0
+
+
+def test_an_update_that_overflows_the_weights_is_rejected():
+  cfg = tiny_config()
+  tx = optax.sgd(1e39)  # overflows float32: finite loss and gradient, non-finite weights
+  graphdef, state = init(cfg, tx)
+  train_step = jax.jit(step.make_train_step(graphdef, tx, optimizer.make_schedule(cfg.train, 10),
+                                            1, "stop"))
+  after, m = train_step(state, make_batch())
+  assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+  assert not bool(m["finite"])
+  for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(after["params"]), strict=True):
+    np.testing.assert_array_equal(a, b)

@@ -43,11 +43,11 @@ class LayerPlan:
     return [self.prelude + d for d, k in enumerate(self.order) if k == j]
 
 
-def nearest_valid_depths(num_layers: int, nr: int, fixed: int) -> tuple[int, int]:
-  """The closest depths below and above num_layers with (L - fixed) divisible by nr."""
-  below = num_layers - (num_layers - fixed) % nr
-  above = below + nr if below != num_layers else num_layers
-  return max(below, fixed + nr), above
+def nearest_valid_depths(num_layers: int, nr: int, fixed: int) -> str:
+  """The closest depths around num_layers with L - fixed a positive multiple of nr."""
+  k = (num_layers - fixed) // nr
+  above = fixed + nr * (k + 1)
+  return f"{fixed + nr * k} or {above}" if k >= 1 else f"{above}"
 
 
 def make_plan(strategy: str, num_layers: int, num_recursions: int) -> LayerPlan:
@@ -65,12 +65,11 @@ def make_plan(strategy: str, num_layers: int, num_recursions: int) -> LayerPlan:
   fixed = 2 if strategy.startswith("middle") else 0
   middle = num_layers - fixed
   if middle < nr or middle % nr:
-    lo, hi = nearest_valid_depths(num_layers, nr, fixed)
     what = "num_layers - 2" if fixed else "num_layers"
     raise ValueError(
         f"config.model.num_layers={num_layers}: {what} must be a positive multiple of "
         f"config.model.recursion.num_recursions={nr} for {strategy}; nearest valid depths: "
-        f"{lo} or {hi}")
+        f"{nearest_valid_depths(num_layers, nr, fixed)}")
   base = middle // nr
   if strategy.endswith("cycle"):
     order = tuple(j for _ in range(nr) for j in range(base))

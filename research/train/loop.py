@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from research import config as config_lib
+from research.convert import recursive_init
 from research.data import corpus, pipeline
 from research.data import tokenizer as tokenizer_lib
 from research.model.lm import LanguageModel
@@ -70,7 +71,7 @@ def total_steps(cfg: mlc.ConfigDict) -> int:
     return cfg.train.steps
   per_step = (flops.paper_flops_per_token(cfg.model, cfg.data.seq_len)
               * cfg.train.batch_size * cfg.data.seq_len)
-  return max(1, int(cfg.train.flop_budget // per_step))
+  return max(1, round(cfg.train.flop_budget / per_step))  # MoR configs: 12619, 8883
 
 
 def check_workdir_config(cfg: mlc.ConfigDict, workdir: str) -> None:
@@ -112,8 +113,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def setup(cfg: mlc.ConfigDict, workdir: str) -> Run:
   mesh = mesh_lib.make_mesh(cfg.mesh)
-  config_lib.validate_against_devices(cfg, tuple(mesh.shape.values()), jax.process_count())
   cache_dir = cfg.data.cache_dir or os.path.join(workdir, "cache")
+  if cfg.model.init_from:  # architecture, vocabulary and tokenizer come from the checkpoint
+    cfg = recursive_init.with_pretrained(cfg, cache_dir)
+  config_lib.validate_against_devices(cfg, tuple(mesh.shape.values()), jax.process_count())
   try:
     train_docs, valid_docs = corpus.load_split(cfg.data, cache_dir)
     tok = tokenizer_lib.get_tokenizer(cfg.data, cache_dir, train_docs)
@@ -249,9 +252,20 @@ def restore_or_init(run: Run, mngr, *, for_eval: bool = False) -> tuple[Any, int
     with jax.set_mesh(run.mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_RULES):
       state = jax.jit(run.init_state, out_shardings=run.state_shardings)(
           jax.random.key(cfg.seed))
-    return state, 0, new_iter()
+    return with_pretrained_params(run, state), 0, new_iter()
   state, meta, data_iter = restored
   return state, int(meta["step"]), data_iter
+
+
+def with_pretrained_params(run: Run, state: step_lib.TrainState) -> step_lib.TrainState:
+  """Overwrites the fresh params with model.init_from's (converted to the recursive layout)."""
+  pure = recursive_init.init_params_from_config(run.cfg.model, seed=run.cfg.seed)
+  if pure is None:
+    return state
+  params = state["params"]
+  nnx.replace_by_pure_dict(params, pure)
+  place = lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: np.asarray(x)[i])
+  return dict(state, params=jax.tree.map(place, params, run.state_shardings["params"]))
 
 
 def compile_steps(run: Run):

@@ -65,9 +65,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum: int, policy: str):
   """Returns train_step(state, batch) -> (state, metrics); jit it with shardings + donation.
 
-  A step whose loss or gradient norm is not finite never changes params or optimizer state and
-  increments state["skipped"]. policy "skip" still advances the step (the batch is consumed);
-  policy "stop" freezes the state from then on, so the loop can save the last good state.
+  A step whose loss, gradient norm or updated weights are not finite never changes params or
+  optimizer state and increments state["skipped"]. policy "skip" still advances the step (the
+  batch is consumed); policy "stop" freezes the state from then on, so the loop can save the last
+  good state.
   """
 
   def loss_fn(params, other, micro: Batch, num_targets: jax.Array):
@@ -94,10 +95,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     loss = nll + aux_loss(aux)
     grad_norm = optax.global_norm(grads)
     updates, opt = tx.update(grads, state["opt"], state["params"])
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params = optax.apply_updates(state["params"], updates)
+    # Finite loss and gradient, and an update that did not overflow any weight (checked per
+    # leaf: a global norm of huge weights would itself overflow).
+    params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
     ok = finite if policy == "skip" else finite & (state["skipped"] == 0)
-    new = dict(step=state["step"] + 1, skipped=state["skipped"],
-               params=optax.apply_updates(state["params"], updates),
+    new = dict(step=state["step"] + 1, skipped=state["skipped"], params=params,
                other=with_updates(state["other"], aux), opt=opt)
     new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
     new["skipped"] = jnp.where(ok, 0, state["skipped"] + 1)
