@@ -14,12 +14,12 @@ softmax (alpha 1), balancing loss 0.1, z-loss 1e-5.
 import ml_collections as mlc
 
 from configs import base, presets
-from research.model import recursion
 
 
 def mor_depth(num_layers: int, num_recursions: int) -> int:
   """The smallest depth >= num_layers whose middle (L - 2) divides by Nr (paper App. D)."""
-  return recursion.nearest_valid_depths(num_layers, num_recursions, 2)[1]
+  middle = max(num_layers - 2, num_recursions)
+  return 2 + -(-middle // num_recursions) * num_recursions
 
 
 def set_design(c: mlc.ConfigDict, kind: str, num_recursions: int = 3) -> mlc.ConfigDict:

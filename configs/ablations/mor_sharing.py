@@ -14,7 +14,6 @@ import ml_collections as mlc
 from configs import presets
 from configs.ablations import mor_routers
 from research import sweep
-from research.model import recursion
 
 SHORT = {"cycle": "Cyc", "sequence": "Seq", "middle_cycle": "M-Cyc", "middle_sequence": "M-Seq"}
 
@@ -41,7 +40,7 @@ def get_sweep(arg: str | None = None) -> list[sweep.Cell]:
   for nr in (2, 3):
     for strategy, short in SHORT.items():
       fixed = 2 if strategy.startswith("middle") else 0
-      depth = recursion.nearest_valid_depths(layers, nr, fixed)[0]
+      depth = max(layers - (layers - fixed) % nr, fixed + nr)  # largest valid depth <= L
       cells.append(sweep.Cell(
           name=f"{strategy}_nr{nr}", label=f"Recursive | {short} Nr={nr} | L={depth}",
           overrides={"model.num_layers": depth, "model.recursion.strategy": strategy,
