@@ -14,7 +14,6 @@ import resource
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 from absl import app, flags
@@ -59,11 +58,7 @@ def benchmark(cfg: mlc.ConfigDict, steps: int, warmup: int) -> dict:
   tx = optimizer_lib.make_optimizer(cfg.train, total)
   schedule = optimizer_lib.make_schedule(cfg.train, total)
 
-  def init_state(key: jax.Array) -> step_lib.TrainState:
-    model = LanguageModel(cfg.model, rngs=nnx.Rngs(key))
-    _, params, other = nnx.split(model, nnx.Param, ...)
-    return dict(step=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32),
-                params=params, other=other, opt=tx.init(params))
+  init_state = step_lib.make_init_state(cfg.model, tx)
 
   with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_RULES):
     shardings = nnx.get_named_sharding(jax.eval_shape(init_state, jax.random.key(0)), mesh)

@@ -131,11 +131,7 @@ def setup(cfg: mlc.ConfigDict, workdir: str) -> Run:
   schedule = optimizer_lib.make_schedule(cfg.train, steps)
   tx = optimizer_lib.make_optimizer(cfg.train, steps)
 
-  def init_state(key: jax.Array) -> step_lib.TrainState:
-    model = LanguageModel(cfg.model, rngs=nnx.Rngs(key))
-    _, params, other = nnx.split(model, nnx.Param, ...)
-    return dict(step=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32),
-                params=params, other=other, opt=tx.init(params))
+  init_state = step_lib.make_init_state(cfg.model, tx)
 
   with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_RULES):
     abstract = jax.eval_shape(init_state, jax.random.key(cfg.seed))
@@ -379,8 +375,8 @@ def _train(cfg: mlc.ConfigDict, workdir: str, guard: SignalGuard) -> dict[str, A
     elif status != "nonfinite":
       message = f"{status} at step {final_step}; checkpoint saved in {mngr.directory}"
     elif cfg.train.nonfinite == "stop":
-      message = (f"non-finite loss or gradient at step {bad_step}; stopped with the last good "
-                 f"state (step {final_step}) saved in {mngr.directory}")
+      message = (f"non-finite loss, gradient or update at step {bad_step}; stopped with the last "
+                 f"good state (step {final_step}) saved in {mngr.directory}")
     else:
       message = (f"config.train.max_skipped={cfg.train.max_skipped} non-finite steps in a row "
                  f"at step {bad_step}; stopped with the state of step {final_step} (skipped "
@@ -412,8 +408,8 @@ def _report(run: Run, writer, bar, step: int, step_metrics, t_last: float,
     return "ok"
   if cfg.train.nonfinite == "stop" or int(m["skipped"]) >= cfg.train.max_skipped:
     return "nonfinite"
-  logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step,
-                  int(m["skipped"]))
+  logging.warning("step %d: non-finite loss, gradient or update; update skipped (%d in a row)",
+                  step, int(m["skipped"]))
   return "ok"
 
 

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from research.model.lm import LanguageModel
+
 TrainState = dict[str, Any]  # step, skipped (i32 scalars), params, other (nnx.State), opt
 Batch = dict[str, jax.Array]  # tokens / positions / segment_ids, each [B, T + 1] int32
 
@@ -59,6 +61,16 @@ def with_updates(other: nnx.State, aux: dict) -> nnx.State:
   return nnx.from_flat_state([
       (path, var.replace(updates[name].astype(var.dtype)) if name in updates else var)
       for name, (path, var) in zip(names, flat, strict=True)])
+
+
+def make_init_state(model_cfg, tx: optax.GradientTransformation):
+  """init_state(key) -> a fresh TrainState of LanguageModel(model_cfg); jit it with shardings."""
+  def init_state(key: jax.Array) -> TrainState:
+    _, params, other = nnx.split(LanguageModel(model_cfg, rngs=nnx.Rngs(key)), nnx.Param, ...)
+    return dict(step=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32),
+                params=params, other=other, opt=tx.init(params))
+
+  return init_state
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
