@@ -33,14 +33,9 @@ from research.model.lm import LanguageModel
 
 METHODS = config.RECURSIVE_INITS
 LORA_INITS = config.LORA_INITS
-LINEARS = {  # projection -> its path inside a block
-    "q_proj": ("attn", "q_proj", "kernel"),
-    "k_proj": ("attn", "k_proj", "kernel"),
-    "v_proj": ("attn", "v_proj", "kernel"),
-    "o_proj": ("attn", "o_proj", "kernel"),
-    "gate_proj": ("ffn", "gate_proj", "kernel"),
-    "up_proj": ("ffn", "up_proj", "kernel"),
-    "down_proj": ("ffn", "down_proj", "kernel"),
+LINEARS = {  # projection -> its path inside a block (the projections that carry LoRA)
+    name: ("ffn" if name in ("gate_proj", "up_proj", "down_proj") else "attn", name, "kernel")
+    for name in recursion.LORA_KINDS
 }
 
 
