@@ -38,16 +38,21 @@ def normal_init(std: float, names: tuple[str | None, ...]):
   return nnx.with_partitioning(nnx.initializers.normal(std), names)
 
 
-LoRA = dict[str, tuple[Array, Array]]  # projection name -> (A [in, r], B [r, out]) of one depth
+# projection name -> (A [in, r], B [r, out]) of one depth, or (A, B, gate [B, r]) of a merged
+# LoRA whose rank components are switched on per batch row (recursion.DepthLoRA.merged).
+LoRA = dict[str, tuple[Array, ...]]
 
 
-def project(linear: nnx.Linear, name: str, x: Array, lora: LoRA | None) -> Array:
-  """linear(x) + (x A) B when a LoRA pair is given for `name` (RRT Eq. 3, scale 1)."""
-  y = linear(x)
+def project(linear: nnx.Linear, name: str, x_BTI: Array, lora: LoRA | None) -> Array:
+  """linear(x) + ((x A) * gate) B when `lora` has an entry for `name` (RRT Eq. 3, scale 1)."""
+  y = linear(x_BTI)
   if lora is None or name not in lora:
     return y
-  a_IR, b_RO = lora[name]
-  return y + ((x @ a_IR.astype(x.dtype)) @ b_RO.astype(x.dtype)).astype(y.dtype)
+  a_IR, b_RO, *gate = lora[name]
+  h_BTR = x_BTI @ a_IR.astype(x_BTI.dtype)
+  if gate:
+    h_BTR = h_BTR * gate[0][:, None, :].astype(h_BTR.dtype)
+  return y + (h_BTR @ b_RO.astype(x_BTI.dtype)).astype(y.dtype)
 
 
 def constrain_activations(x_BTD: Array) -> Array:
@@ -80,13 +85,16 @@ class RMSNorm(nnx.Module):
     self.scale = nnx.Param(init(jax.random.key(0), (d,), param_dtype))
     self.eps = eps
 
-  def __call__(self, x: Array, scale_D: Array | None = None) -> Array:
-    """`scale_D` overrides the stored scale (untied per-depth norms of a recursive core)."""
-    x32 = x.astype(jnp.float32)
+  def __call__(self, x_BTD: Array, scale: Array | None = None) -> Array:
+    """`scale` [D] (or [B, D], one per row) overrides the stored scale (untied per-depth norms
+    of a recursive core)."""
+    x32 = x_BTD.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    scale = self.scale[...] if scale_D is None else scale_D
-    scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
-    return (y * scale).astype(x.dtype)
+    scale = self.scale[...] if scale is None else scale
+    scale = scale.astype(jnp.float32)
+    shape = (x_BTD.shape[0], 1, -1) if scale.ndim == 2 else (1,) * (x_BTD.ndim - 1) + (-1,)
+    scale = scale.reshape(shape)
+    return (y * scale).astype(x_BTD.dtype)
 
 
 def apply_rope(x_BTND: Array, positions_BT: Array, theta: float) -> Array:

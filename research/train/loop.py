@@ -414,13 +414,15 @@ def _report(run: Run, writer, bar, step: int, step_metrics, t_last: float,
 
 
 def evaluate_checkpoint(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
-  """Validation NLL of config.checkpoint.restore_from, else of the newest readable checkpoint."""
+  """Validation NLL of config.checkpoint.restore_from, else of the newest readable checkpoint,
+  else (with model.init_from) of the converted pretrained weights, before any training."""
   run = setup(cfg, workdir)
   mngr = checkpoint.open_manager(os.path.join(workdir, "checkpoints"))
   try:
-    if not (cfg.checkpoint.restore_from or mngr.all_steps()):
+    if not (cfg.checkpoint.restore_from or mngr.all_steps() or cfg.model.init_from):
       raise config_lib.ConfigError(
-          f"config.mode='eval': {workdir} holds no checkpoint to evaluate")
+          f"config.mode='eval': {workdir} holds no checkpoint to evaluate (and "
+          "config.model.init_from is empty)")
     state, step, _ = restore_or_init(run, mngr, for_eval=True)
     _, eval_step = compile_steps(run)
     result = evaluate(run, eval_step, state)
