@@ -46,6 +46,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.recursion.lora_rank_ffn = -1  # rank for gate/up/down_proj (-1: lora_rank)
   c.model.recursion.init = "stepwise"  # with init_from: stepwise | average | lower | random
   c.model.recursion.lora_init = "svd"  # with init_from: svd (of the residuals) | standard (B = 0)
+  c.model.recursion.lora_merged = False  # per-loop LoRAs as one gated rank-Nr*r LoRA (cycle plans)
+  c.model.recursion.early_exit = False  # an exit (final norm + head) after every loop (cycle plans)
 
   # Mixture-of-Recursions (shared/specs/mor.md, docs/mor.md): routers pick each token's number of
   # recursion steps. Needs recursion.strategy cycle | middle_cycle, no LoRA, tied norms.
@@ -112,6 +114,12 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.train.eval_batches = 8  # validation batches per pass (fixed, same every time)
   c.train.nonfinite = "stop"  # stop (checkpoint last good state) | skip (drop update)
   c.train.max_skipped = 10  # with nonfinite=skip: stop after this many consecutive skipped steps
+  c.train.exit_loss = "final"  # with early_exit: final | weighted (e / sum j) | aggressive (RRT)
+  c.train.exit_coeff = 0.1  # aggressive: CE weight c of every intermediate exit
+  c.train.exit_kd_coeff = 0.1  # aggressive: weight of KL(stop_grad(p_final) || p_exit) per exit
+  c.train.distill = mlc.ConfigDict()  # forward-KL distillation from a frozen teacher (RRT App. I)
+  c.train.distill.coeff = 0.0  # lambda of KL(p_teacher || p_student) added to the loss (0: off)
+  c.train.distill.teacher = ""  # HF Llama dir or .gguf ("": config.model.init_from, untied)
   c.train.progress = True  # show a progress bar on process 0
 
   c.checkpoint = mlc.ConfigDict()

@@ -70,6 +70,17 @@ def validate_model(cfg: mlc.ConfigDict) -> None:
   if m.recursion.lora_rank or not m.recursion.share_norms:
     _check(m.recursion.strategy != "none", "model.recursion.strategy", "none",
            "LoRA relaxation and untied norms need a sharing strategy")
+  cycle_plans = ("cycle", "middle_cycle")  # a loop = one pass over the shared layers
+  if m.recursion.lora_merged:
+    _check(m.recursion.strategy in cycle_plans, "model.recursion.lora_merged", True,
+           f"merges per-loop LoRAs: needs config.model.recursion.strategy in {cycle_plans}")
+  if m.recursion.early_exit:
+    _check(m.recursion.strategy in cycle_plans and m.recursion.num_recursions >= 2,
+           "model.recursion.early_exit", True,
+           f"one exit per loop: needs config.model.recursion.strategy in {cycle_plans} and "
+           "num_recursions >= 2")
+    _check(m.mor.kind == "none", "model.recursion.early_exit", True,
+           "MoR routes tokens to their depth itself; use config.model.mor.kind='none'")
   _one_of(cfg, "model.recursion.init", RECURSIVE_INITS)
   _one_of(cfg, "model.recursion.lora_init", LORA_INITS)
   if m.init_from:
@@ -179,6 +190,18 @@ def validate_train(cfg: mlc.ConfigDict) -> None:
   _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0")
   _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0")
   _check(t.max_skipped >= 1, "train.max_skipped", t.max_skipped, "must be >= 1")
+  _one_of(cfg, "train.exit_loss", ("final", "weighted", "aggressive"))
+  if t.exit_loss != "final":
+    _check(cfg.model.recursion.early_exit, "train.exit_loss", t.exit_loss,
+           "needs config.model.recursion.early_exit=True")
+  for key in ("exit_coeff", "exit_kd_coeff", "distill.coeff"):
+    _check(_get(t, key) >= 0, f"train.{key}", _get(t, key), "must be >= 0")
+  if t.distill.coeff:
+    teacher = t.distill.teacher or cfg.model.init_from
+    _check(bool(teacher), "train.distill.teacher", t.distill.teacher,
+           "distillation needs a teacher: set it, or config.model.init_from")
+    _check(os.path.exists(teacher), "train.distill.teacher", teacher,
+           "no such file or directory (an HF Llama directory or a .gguf file)")
 
 
 def validate(cfg: mlc.ConfigDict) -> None:

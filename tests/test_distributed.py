@@ -202,7 +202,7 @@ def reference(job: dict) -> dict:
       valid_batches = stacked_iterator(loop, run, run.valid_docs, train=False)
       sums = [eval_step(state, mesh_lib.host_to_global(next(valid_batches), run.mesh))
               for _ in range(run.cfg.train.eval_batches)]
-      valid_nll.append(sum(float(t) for t, _ in sums) / sum(float(c) for _, c in sums))
+      valid_nll.append(sum(float(t["nll"]) for t, _ in sums) / sum(float(c) for _, c in sums))
   return {"losses": losses, "valid_nll": valid_nll}
 
 

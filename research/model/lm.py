@@ -83,8 +83,11 @@ class LanguageModel(nnx.Module):
                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, tokens_BT: Array, positions_BT: Array | None = None,
-               segments_BT: Array | None = None) -> tuple[Array, dict]:
-    """Returns float32 logits [B, T, V] and the aux dict."""
+               segments_BT: Array | None = None, *, exits: bool = False
+               ) -> tuple[Array | list[Array], dict]:
+    """Float32 logits [B, T, V] and the aux dict. With `exits` (a recursive core), a list of
+    logits, one per loop: the final norm and LM head on the hidden state after each loop (RRT
+    §2.4 early exits; the coda runs only on the last), the last entry being the usual output."""
     b, t = tokens_BT.shape
     indices_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     tok = Tokens(positions=indices_BT if positions_BT is None else positions_BT,
@@ -92,9 +95,20 @@ class LanguageModel(nnx.Module):
                  indices=indices_BT)
     x_BTD = constrain_activations(self.embed(tokens_BT))
     x_BTD, _ = self.prelude(x_BTD, tok)
+    if exits:
+      if not isinstance(self.core, recursion.Recursion):
+        raise ValueError("early exits need a recursive core (config.model.recursion.strategy "
+                         "cycle | middle_cycle, config.model.mor.kind='none')")
+      loops = self.core.loop_outputs(x_BTD, tok)
+      x_BTD, _ = self.coda(loops[-1], tok)
+      return [self.logits(h_BTD) for h_BTD in loops[:-1]] + [self.logits(x_BTD)], {}
     x_BTD, aux = self.core(x_BTD, tok)
     x_BTD, _ = self.coda(x_BTD, tok)
+    return self.logits(x_BTD), aux
+
+  def logits(self, x_BTD: Array) -> Array:
+    """The exit head: final norm then the (tied or untied) LM head, float32 [B, T, V]."""
     x_BTD = self.norm(x_BTD)
     if self.head is None:
-      return self.embed.attend(x_BTD), aux
-    return self.head(x_BTD).astype(jnp.float32), aux
+      return self.embed.attend(x_BTD)
+    return self.head(x_BTD).astype(jnp.float32)

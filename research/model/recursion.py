@@ -14,6 +14,7 @@ full rank can reproduce any untied model.
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import ml_collections as mlc
 from flax import nnx
 
@@ -125,15 +126,36 @@ class DepthLoRA(nnx.Module):
     return {n: (getattr(self, f"{n}_a")[depth], getattr(self, f"{n}_b")[depth])
             for n in self.names}
 
+  def merged(self, depths: list[int], choice_B: Array) -> LoRA:
+    """The LoRAs of `depths` as one rank-(n r) LoRA, row b using only depths[choice_B[b]].
+
+    RRT App. K: merging a shared layer's per-loop LoRAs lets one batch hold samples at different
+    loops (depth-wise batching), at n times the LoRA FLOPs. A = [A_d1 .. A_dn] [in, n r],
+    B = [B_d1; ..; B_dn] [n r, out], gate[b, i] = 1 where component i belongs to row b's depth.
+    """
+    lora, idx = {}, jnp.asarray(depths, jnp.int32)
+    for n in self.names:
+      a_NIR, b_NRO = getattr(self, f"{n}_a")[...][idx], getattr(self, f"{n}_b")[...][idx]
+      num, din, rank = a_NIR.shape
+      gate_BM = (jnp.arange(num * rank) // rank)[None, :] == choice_B[:, None]
+      lora[n] = (jnp.moveaxis(a_NIR, 0, 1).reshape(din, num * rank),
+                 b_NRO.reshape(num * rank, -1), gate_BM)
+    return lora
+
 
 class Recursion(nnx.Module):
-  """The tied core: shared blocks run in plan order, each depth with its own LoRA and norms."""
+  """The tied core: shared blocks run in plan order, each depth with its own LoRA and norms.
+
+  With `recursion.lora_merged`, each loop runs through `loop_step` with the merged per-loop
+  LoRAs (same outputs, the form that batches samples at different loops; cycle plans only).
+  """
 
   def __init__(self, plan: LayerPlan, blocks: list[nnx.Module], m: mlc.ConfigDict, *,
                remat: bool, param_dtype, rngs: nnx.Rngs):
     self.plan = plan
     self.blocks = nnx.List(blocks)
     self.remat = remat
+    self.merged = m.recursion.lora_merged
     depths = len(plan.order)
     shapes = lora_shapes(m)
     self.lora = DepthLoRA(shapes, depths, param_dtype=param_dtype, rngs=rngs) if shapes else None
@@ -145,12 +167,38 @@ class Recursion(nnx.Module):
       self.ffn_norms = nnx.Param(init(rngs.params(), (depths, m.d_model), param_dtype))
 
   def __call__(self, x_BTD: Array, tok: Tokens) -> tuple[Array, dict]:
+    return self.loop_outputs(x_BTD, tok)[-1], {}
+
+  def loop_outputs(self, x_BTD: Array, tok: Tokens) -> list[Array]:
+    """The hidden state after each loop over the shared layers (RRT §2.4 early exits); the
+    last one is the core's output. A loop is num_shared consecutive depths (cycle plans)."""
+    outs = []
+    if self.merged:
+      for loop in range(self.plan.num_recursions):
+        x_BTD = self.loop_step(x_BTD, tok, jnp.full((x_BTD.shape[0],), loop, jnp.int32))
+        outs.append(x_BTD)
+      return outs
     for depth, j in enumerate(self.plan.order):
       lora = None if self.lora is None else self.lora.at(depth)
       norms = None if self.attn_norms is None else (self.attn_norms[depth],
                                                     self.ffn_norms[depth])
       x_BTD = self.step(self.blocks[j], x_BTD, tok, lora, norms)
-    return x_BTD, {}
+      if (depth + 1) % self.plan.num_shared == 0:
+        outs.append(x_BTD)
+    return outs
+
+  def loop_step(self, x_BTD: Array, tok: Tokens, loop_B: Array) -> Array:
+    """One pass over the shared layers, row b at loop loop_B[b] (its LoRAs and norms): the
+    step of continuous depth-wise batching (RRT §2.4, App. K), merged LoRAs. Cycle plans."""
+    for j in range(self.plan.num_shared):
+      depths = [d for d, k in enumerate(self.plan.order) if k == j]  # loop b -> depths[b]
+      lora = None if self.lora is None else self.lora.merged(depths, loop_B)
+      norms = None
+      if self.attn_norms is not None:
+        depth_B = jnp.asarray(depths, jnp.int32)[loop_B]
+        norms = (self.attn_norms[...][depth_B], self.ffn_norms[...][depth_B])
+      x_BTD = self.step(self.blocks[j], x_BTD, tok, lora, norms)
+    return x_BTD
 
   def step(self, block, x_BTD, tok, lora, norms) -> Array:
     if self.remat:

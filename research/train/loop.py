@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from research import config as config_lib
-from research.convert import recursive_init
+from research.convert import load, recursive_init
 from research.data import corpus, pipeline
 from research.data import tokenizer as tokenizer_lib
 from research.model.lm import LanguageModel
@@ -158,14 +158,23 @@ def make_iterator(run: Run, docs, *, train: bool):
 
 
 def evaluate(run: Run, eval_step, state) -> dict[str, float]:
-  """Mean validation NLL over the same eval_batches batches every time."""
+  """Mean validation NLL (and NLL at every exit with early exits) over the same eval_batches
+  batches every time."""
   it = make_iterator(run, run.valid_docs, train=False)
-  total, count = 0.0, 0.0
+  totals, count = {}, 0.0
   for _ in range(run.cfg.train.eval_batches):
-    t, c = eval_step(state, mesh_lib.host_to_global(next(it), run.mesh))
-    total, count = total + float(t), count + float(c)
-  nll = total / max(count, 1.0)
-  return {"nll": nll, "ppl": float(np.exp(min(nll, 50.0))), "targets": count}
+    sums, c = jax.device_get(eval_step(state, mesh_lib.host_to_global(next(it), run.mesh)))
+    totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
+    count += float(c)
+  means = {k: v / max(count, 1.0) for k, v in totals.items()}
+  return dict(means, ppl=float(np.exp(min(means["nll"], 50.0))), targets=count)
+
+
+def nll_message(result: dict[str, float]) -> str:
+  """'validation nll 4.1234 (ppl 61.80)', then the NLL at each exit when there are exits."""
+  exits = [f"{result[k]:.4f}" for k in sorted(result) if k.startswith("nll/exit_")]
+  text = f"validation nll {result['nll']:.4f} (ppl {result['ppl']:.2f})"
+  return text + (f"; per exit {' '.join(exits)}" if exits else "")
 
 
 class SignalGuard:
@@ -264,14 +273,50 @@ def with_pretrained_params(run: Run, state: step_lib.TrainState) -> step_lib.Tra
   return dict(state, params=jax.tree.map(place, params, run.state_shardings["params"]))
 
 
+def load_teacher(run: Run) -> tuple[nnx.GraphDef, Any, Any]:
+  """(graphdef, sharded params, their shardings) of the distillation teacher: the untied
+  (vanilla) model of config.train.distill.teacher, else of config.model.init_from."""
+  cfg = run.cfg
+  path = cfg.train.distill.teacher or cfg.model.init_from
+  base = mlc.ConfigDict(cfg.model.to_dict())
+  base.init_from = ""
+  base.mor.kind = "none"
+  base.recursion.update(strategy="none", num_recursions=1, lora_rank=0, share_norms=True,
+                        lora_merged=False, early_exit=False)
+  teacher_cfg, teacher = load.build_model_from_pretrained(path, base)
+  if teacher_cfg.vocab_size != cfg.model.vocab_size:
+    raise config_lib.ConfigError(
+        f"config.train.distill.teacher={path!r}: its vocabulary has {teacher_cfg.vocab_size} "
+        f"entries, the student's config.model.vocab_size is {cfg.model.vocab_size}")
+  graphdef, params = nnx.split(teacher, nnx.Param)
+  with jax.set_mesh(run.mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_RULES):
+    shardings = nnx.get_named_sharding(params, run.mesh)
+  place = lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: np.asarray(x)[i])
+  return graphdef, jax.tree.map(place, params, shardings), shardings
+
+
 def compile_steps(run: Run):
+  """(train_step(state, batch), eval_step(state, batch)), jitted with the run's shardings; a
+  distillation teacher is loaded here and bound into train_step."""
   cfg = run.cfg
   batch_sharding = mesh_lib.batch_sharding(run.mesh)
+  objective = step_lib.Objective.from_config(cfg)
+  teacher_graphdef = teacher_params = None
+  in_shardings = (run.state_shardings, batch_sharding)
+  if objective.distill_coeff:
+    teacher_graphdef, teacher_params, teacher_shardings = load_teacher(run)
+    in_shardings += (teacher_shardings,)
   train_step = step_lib.make_train_step(run.graphdef, run.tx, run.schedule, cfg.train.grad_accum,
-                                        policy=cfg.train.nonfinite)
-  train_step = jax.jit(train_step, in_shardings=(run.state_shardings, batch_sharding),
+                                        policy=cfg.train.nonfinite, objective=objective,
+                                        teacher_graphdef=teacher_graphdef)
+  train_step = jax.jit(train_step, in_shardings=in_shardings,
                        out_shardings=(run.state_shardings, None), donate_argnums=0)
-  eval_step = jax.jit(step_lib.make_eval_step(run.graphdef),
+  if teacher_params is not None:
+    jitted = train_step
+
+    def train_step(state, batch):
+      return jitted(state, batch, teacher_params)
+  eval_step = jax.jit(step_lib.make_eval_step(run.graphdef, objective),
                       in_shardings=(run.state_shardings, batch_sharding))
   return train_step, eval_step
 
@@ -370,8 +415,7 @@ def _train(cfg: mlc.ConfigDict, workdir: str, guard: SignalGuard) -> dict[str, A
     if status == "ok":
       result = evaluate(run, eval_step, state)
       writer.write(final_step, result, kind="valid", replace=True)  # a re-run finished run
-      message = (f"step {final_step}: validation nll {result['nll']:.4f} "
-                 f"(ppl {result['ppl']:.2f})")
+      message = f"step {final_step}: {nll_message(result)}"
     elif status != "nonfinite":
       message = f"{status} at step {final_step}; checkpoint saved in {mngr.directory}"
     elif cfg.train.nonfinite == "stop":
@@ -429,6 +473,6 @@ def evaluate_checkpoint(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
   finally:
     mngr.close()
   if run.is_main:
-    print(f"step {step}: validation nll {result['nll']:.4f} (ppl {result['ppl']:.2f})",
+    print(f"step {step}: {nll_message(result)}",
           flush=True)
   return dict(result, step=step)
