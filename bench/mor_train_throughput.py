@@ -1,0 +1,273 @@
+"""Train-step time of MoR (expert choice) against the recursive and the vanilla model, one run.
+
+  python -m bench.mor_train_throughput [--preset=small] [--seq_len=1024] [--batch=4] [--nr=3]
+      [--steps=8] [--json=PATH] [--set=model.d_model=64 ...]
+
+Three models of the same unrolled depth L = configs/mor.py's mor_depth(preset layers, Nr):
+vanilla (L untied layers), recursive (middle-cycle, Nr recursions, no routing) and MoR (the same
+recursion with expert-choice routing, capacities (Nr - r + 1) / Nr, gathered path). Each real
+train step (research/train/step.py) is jitted and compiled once, then the steps run round-robin
+(vanilla, recursive, MoR, vanilla, ...) in this one process so that machine noise hits all three
+alike. Step time: a model's median over `--steps` rounds; measured ratio: the median over rounds
+of the ratio within a round. "cores busy" is CPU-seconds per step over the step time (2 on an idle
+2-core machine; near 1 when another job takes a core). Random tokens, one document per row.
+
+Analytic ratios, each MoR (or recursive) over vanilla:
+  exact     research/train/flops.py train_flops_per_token: every matmul incl. head and routers,
+            causal attention at its useful half over the tokens of each step;
+  compiled  XLA's FLOP count of the compiled train step (cost_analysis): what the program really
+            executes, e.g. the full T x T attention scores under the causal mask, elementwise ops;
+  paper     flops.py paper_flops_per_token (MoR App. D: forward, no head, K/V as d x d).
+The gap is measured / exact - 1.
+
+--pieces also times, at each MoR step's token count k_r, the forward + backward of one block and
+of its two halves (attention sublayer with its projections, SwiGLU): how a step's cost scales
+with its tokens (min over `--steps` runs each).
+"""
+
+import ast
+import json
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from configs import mor as mor_configs
+from configs import vanilla as vanilla_configs
+from research import config as config_lib
+from research import routing
+from research.model import mor as mor_lib
+from research.model.layers import Block, Tokens
+from research.model.lm import LanguageModel, resolve_dtype
+from research.train import flops
+from research.train import mesh as mesh_lib
+from research.train import optimizer as optimizer_lib
+from research.train import step as step_lib
+
+MODELS = ("vanilla", "recursive", "mor")
+
+flags.DEFINE_string("preset", "small", "Shape preset of configs/presets.py.")
+flags.DEFINE_integer("seq_len", 1024, "Tokens per row T.")
+flags.DEFINE_integer("batch", 4, "Rows per step.")
+flags.DEFINE_integer("nr", 3, "Recursions Nr (middle-cycle).")
+flags.DEFINE_integer("steps", 8, "Timed round-robin rounds (one step of each model per round).")
+flags.DEFINE_integer("warmup", 1, "Untimed rounds after compilation.")
+flags.DEFINE_multi_string("set", [], "dotted.key=value applied to all three configs.")
+flags.DEFINE_bool("pieces", False, "Also time a block and its halves at each step's tokens.")
+flags.DEFINE_string("json", "", "Also write the result to this JSON file.")
+FLAGS = flags.FLAGS
+
+
+def synthetic_batch(cfg: mlc.ConfigDict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """Random tokens [B, T + 1], one document per row (as bench/train_throughput.py)."""
+  b, t = cfg.train.batch_size, cfg.data.seq_len + 1
+  tokens = rng.integers(0, cfg.model.vocab_size, (b, t), dtype=np.int32)
+  positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+  return {"tokens": tokens, "positions": positions, "segment_ids": np.ones((b, t), np.int32)}
+
+
+def apply_overrides(cfg: mlc.ConfigDict, overrides: dict[str, Any]) -> None:
+  """cfg[dotted key] = value for each override."""
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = cfg
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+
+
+def make_configs(preset: str, seq_len: int, batch: int, nr: int,
+                 overrides: dict[str, Any] | None = None) -> dict[str, mlc.ConfigDict]:
+  """vanilla / recursive / MoR-expert configs of the same unrolled depth, validated, derived."""
+  cfgs = {}
+  for name in MODELS:
+    c = vanilla_configs.get_config(preset)
+    c.model.num_layers = mor_configs.mor_depth(c.model.num_layers, nr)
+    if name != "vanilla":
+      mor_configs.set_design(c, "expert" if name == "mor" else "none", nr)
+    c.data.seq_len, c.train.batch_size, c.train.grad_accum = seq_len, batch, 1
+    apply_overrides(c, overrides or {})
+    config_lib.validate(c)
+    cfgs[name] = config_lib.with_derived(c, c.data.bpe_vocab_size)
+  return cfgs
+
+
+def compile_step(cfg: mlc.ConfigDict, mesh: jax.sharding.Mesh):
+  """(jitted train step, its initial state, a batch, XLA's FLOPs of one step)."""
+  tx = optimizer_lib.make_optimizer(cfg.train, cfg.train.steps)
+  schedule = optimizer_lib.make_schedule(cfg.train, cfg.train.steps)
+  init_state = step_lib.make_init_state(cfg.model, tx)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_RULES):
+    shardings = nnx.get_named_sharding(jax.eval_shape(init_state, jax.random.key(0)), mesh)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: LanguageModel(cfg.model, rngs=nnx.Rngs(0))))
+    state = jax.jit(init_state, out_shardings=shardings)(jax.random.key(cfg.seed))
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  train_step = step_lib.make_train_step(graphdef, tx, schedule, 1, policy=cfg.train.nonfinite)
+  batch = jax.device_put(synthetic_batch(cfg, np.random.default_rng(0)), batch_sharding)
+  jitted = jax.jit(train_step, in_shardings=(shardings, batch_sharding),
+                   out_shardings=(shardings, None), donate_argnums=0)
+  compiled = jitted.lower(state, batch).compile()
+  return compiled, state, batch, float(compiled.cost_analysis()["flops"])
+
+
+def cpu_seconds() -> float:
+  """CPU time of this process, all threads (user + system)."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def min_seconds(fn: Callable, *args, repeats: int) -> float:
+  """Fastest of `repeats` calls of fn(*args) after one untimed call."""
+  jax.block_until_ready(fn(*args))
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def time_pieces(cfg: mlc.ConfigDict, repeats: int) -> list[dict[str, Any]]:
+  """Forward + backward seconds of one block, its attention sublayer and its SwiGLU on the k_r
+  tokens of each MoR step (one document per row)."""
+  m, b = cfg.model, cfg.train.batch_size
+  dtype = resolve_dtype(m.compute_dtype)
+  with nnx.use_eager_sharding(False):
+    block = Block(m, dtype=dtype, param_dtype=jnp.dtype(m.param_dtype), rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(block)
+  parts = {"block_s": lambda blk, x, tok: blk(x, tok),
+           "attention_s": lambda blk, x, tok: blk.attn(blk.attn_norm(x), tok),
+           "swiglu_s": lambda blk, x, tok: blk.ffn(blk.ffn_norm(x))}
+  grads = {}
+  for name, part in parts.items():
+    def loss(p, x, tok, part=part):
+      return jnp.sum(part(nnx.merge(graphdef, p), x, tok).astype(jnp.float32) ** 2)
+    grads[name] = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  rows = []
+  for n in routing.tokens_per_step(mor_lib.capacities(m), cfg.data.seq_len):
+    idx_BN = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    tok = Tokens(idx_BN, jnp.ones((b, n), jnp.int32), idx_BN)
+    x_BND = jax.random.normal(jax.random.key(0), (b, n, m.d_model), dtype)
+    row = {"tokens": n}
+    for name, grad in grads.items():
+      row[name] = min_seconds(grad, params, x_BND, tok, repeats=repeats)
+    rows.append(row)
+  return rows
+
+
+def benchmark(preset: str = "small", seq_len: int = 1024, batch: int = 4, nr: int = 3,
+              steps: int = 8, warmup: int = 1, overrides: dict[str, Any] | None = None,
+              pieces: bool = False) -> dict[str, Any]:
+  """Compiles the three train steps, times them round-robin; returns times and ratios."""
+  cfgs = make_configs(preset, seq_len, batch, nr, overrides)
+  mesh = mesh_lib.make_mesh(cfgs["vanilla"].mesh)
+  runs, compile_s, compiled_flops = {}, {}, {}
+  for name, cfg in cfgs.items():
+    t0 = time.perf_counter()
+    runs[name] = list(compile_step(cfg, mesh))
+    compiled_flops[name] = runs[name].pop()
+    compile_s[name] = time.perf_counter() - t0
+  times, busy = {name: [] for name in MODELS}, {name: [] for name in MODELS}
+  for i in range(warmup + steps):
+    for name in MODELS:
+      fn, state, data = runs[name]
+      t0, cpu0 = time.perf_counter(), cpu_seconds()
+      state, metrics = fn(state, data)
+      jax.block_until_ready((state, metrics))
+      if i >= warmup:
+        times[name].append(time.perf_counter() - t0)
+        busy[name].append((cpu_seconds() - cpu0) / times[name][-1])
+      runs[name][1] = state
+  exact = {n: flops.train_flops_per_token(c.model, seq_len) for n, c in cfgs.items()}
+  paper = {n: flops.paper_flops_per_token(c.model, seq_len) for n, c in cfgs.items()}
+  median = {n: statistics.median(ts) for n, ts in times.items()}
+  rows = []
+  for name in MODELS:
+    ratio = {}
+    for base in ("vanilla", "recursive"):
+      per_round = [a / b for a, b in zip(times[name], times[base], strict=True)]
+      ratio[base] = {
+          "measured": statistics.median(per_round),
+          "per_round_min": min(per_round), "per_round_max": max(per_round),
+          "exact": exact[name] / exact[base], "compiled": compiled_flops[name]
+          / compiled_flops[base], "paper": paper[name] / paper[base],
+      }
+      ratio[base]["gap"] = ratio[base]["measured"] / ratio[base]["exact"] - 1
+    rows.append({
+        "model": name, "step_s": median[name], "step_s_min": min(times[name]),
+        "step_s_max": max(times[name]), "times_s": times[name],
+        "cores_busy": busy[name], "compile_s": compile_s[name],
+        "exact_flops_per_token": exact[name], "paper_flops_per_token": paper[name],
+        "compiled_flops_per_step": compiled_flops[name], "ratio": ratio,
+    })
+  m = cfgs["mor"].model
+  extra = {"pieces": time_pieces(cfgs["mor"], steps)} if pieces else {}
+  return {
+      "preset": preset, "seq_len": seq_len, "batch": batch, "nr": nr, "steps": steps,
+      "warmup": warmup, "overrides": overrides or {}, "num_layers": m.num_layers,
+      "d_model": m.d_model, "vocab_size": m.vocab_size, "backend": jax.default_backend(),
+      "rows": rows, **extra,
+  }
+
+
+def format_table(result: dict[str, Any]) -> str:
+  """Markdown table: step time, then per baseline the measured / exact / compiled / paper ratios
+  and the gap of measured to exact."""
+  head = ["model", "step time (min-max)", "cores busy"]
+  for base in ("vanilla", "recursive"):
+    head += [f"/{base} measured (rounds min-max)", "exact", "compiled", "paper", "gap"]
+  lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+  for row in result["rows"]:
+    cells = [row["model"], f"{row['step_s']:.3f} s ({row['step_s_min']:.3f}-"
+             f"{row['step_s_max']:.3f})", f"{statistics.median(row['cores_busy']):.2f}"]
+    for base in ("vanilla", "recursive"):
+      r = row["ratio"][base]
+      cells += [f"{r['measured']:.3f} ({r['per_round_min']:.3f}-{r['per_round_max']:.3f})",
+                f"{r['exact']:.3f}", f"{r['compiled']:.3f}", f"{r['paper']:.3f}",
+                f"{100 * r['gap']:+.1f} %"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+  """["a.b=1", "c=x"] -> {"a.b": 1, "c": "x"} (values as Python literals, else strings)."""
+  out = {}
+  for item in items:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise app.UsageError(f"--set={item}: expected dotted.key=value")
+    try:
+      out[key] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      out[key] = text
+  return out
+
+
+def main(argv: list[str], out: Callable[[str], Any] = print) -> None:
+  """Runs the benchmark from the flags; `out` receives the printed lines."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  result = benchmark(FLAGS.preset, FLAGS.seq_len, FLAGS.batch, FLAGS.nr, FLAGS.steps,
+                     FLAGS.warmup, parse_overrides(FLAGS.set), FLAGS.pieces)
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
+      json.dump(result, f, indent=1)
+  out(f"{result['preset']}: L={result['num_layers']} d={result['d_model']} "
+        f"vocab={result['vocab_size']} batch x T = {result['batch']} x {result['seq_len']}, "
+        f"Nr={result['nr']}, {result['steps']} rounds ({result['backend']})")
+  out(format_table(result))
+  for p in result.get("pieces", []):
+    out(f"{p['tokens']:>6} tokens: block {p['block_s']:.3f} s = attention {p['attention_s']:.3f}"
+        f" s + SwiGLU {p['swiglu_s']:.3f} s (+ residuals); forward + backward")
+
+
+if __name__ == "__main__":
+  app.run(main)
