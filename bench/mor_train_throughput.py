@@ -100,7 +100,8 @@ def make_configs(preset: str, seq_len: int, batch: int, nr: int,
   return cfgs
 
 
-def compile_step(cfg: mlc.ConfigDict, mesh: jax.sharding.Mesh):
+def compile_step(cfg: mlc.ConfigDict, mesh: jax.sharding.Mesh
+                 ) -> tuple[jax.stages.Compiled, dict[str, Any], dict[str, jax.Array], float]:
   """(jitted train step, its initial state, a batch, XLA's FLOPs of one step)."""
   tx = optimizer_lib.make_optimizer(cfg.train, cfg.train.steps)
   schedule = optimizer_lib.make_schedule(cfg.train, cfg.train.steps)

@@ -26,7 +26,7 @@ def result(tmp_path_factory):
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   with flagsaver.flagsaver(preset="tiny", seq_len=T, batch=2, nr=3, steps=STEPS, warmup=0,
-                           set=SETS, json=str(path)):
+                           set=SETS, pieces=True, json=str(path)):
     printed = []
     bench.main(["bench"], out=printed.append)
   return json.loads(path.read_text()), "\n".join(printed)
@@ -62,6 +62,10 @@ def test_output_has_a_row_per_model_with_times_and_ratios(result):
       assert row["ratio"][row["model"]]["measured"] == pytest.approx(1.0)
   table = printed.splitlines()
   assert sum(line.startswith(f"| {m} |") for line in table for m in bench.MODELS) == 3
+  # --pieces: a block and its halves at each MoR step's k_r = floor(c_r T), c = 1, 2/3, 1/3
+  assert [p["tokens"] for p in res["pieces"]] == [32, 21, 10]
+  for p in res["pieces"]:
+    assert min(p["block_s"], p["attention_s"], p["swiglu_s"]) > 0
 
 
 def test_analytic_ratios_are_flops_py_for_the_experiment_configs(result):
