@@ -43,16 +43,55 @@ def normal_init(std: float, names: tuple[str | None, ...]):
 LoRA = dict[str, tuple[Array, ...]]
 
 
-def project(linear: nnx.Linear, name: str, x_BTI: Array, lora: LoRA | None) -> Array:
-  """linear(x) + ((x A) * gate) B when `lora` has an entry for `name` (RRT Eq. 3, scale 1)."""
-  y = linear(x_BTI)
+@jax.custom_vjp
+def matmul(x_BTI: Array, w_IO: Array) -> Array:
+  """y = x w over x's last axis (any leading axes); backward dx = g (w^T), dw = x^T g.
+
+  w^T is materialised (optimization_barrier) instead of being read transposed inside the dot:
+  XLA:CPU's dot is slower on a transposed right operand, and the copy is only weight-sized
+  (docs/benchmarks.md).
+  """
+  return jax.lax.dot_general(x_BTI, w_IO, (((x_BTI.ndim - 1,), (0,)), ((), ())))
+
+
+def _matmul_fwd(x_BTI: Array, w_IO: Array) -> tuple[Array, tuple[Array, Array]]:
+  return matmul(x_BTI, w_IO), (x_BTI, w_IO)
+
+
+def _matmul_bwd(res: tuple[Array, Array], g_BTO: Array) -> tuple[Array, Array]:
+  x_BTI, w_IO = res
+  w_OI = jax.lax.optimization_barrier(w_IO.T)
+  dx_BTI = jax.lax.dot_general(g_BTO, w_OI, (((g_BTO.ndim - 1,), (0,)), ((), ())))
+  lead = tuple(range(x_BTI.ndim - 1))
+  dw_IO = jax.lax.dot_general(x_BTI, g_BTO, ((lead, lead), ((), ())))
+  return dx_BTI, dw_IO
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def linear_apply(linear: nnx.Linear, x_BTI: Array) -> Array:
+  """linear(x) of a bias-free nnx.Linear, through `matmul`."""
+  x, kernel_IO, _ = linear.promote_dtype((x_BTI, linear.kernel[...], None), dtype=linear.dtype)
+  return matmul(x, kernel_IO)
+
+
+def lora_delta(name: str, x_BTI: Array, lora: LoRA | None) -> Array | None:
+  """((x A) * gate) B of the LoRA entry for `name` (RRT Eq. 3, scale 1), or None without one."""
   if lora is None or name not in lora:
-    return y
+    return None
   a_IR, b_RO, *gate = lora[name]
   h_BTR = x_BTI @ a_IR.astype(x_BTI.dtype)
   if gate:
     h_BTR = h_BTR * gate[0][:, None, :].astype(h_BTR.dtype)
-  return y + (h_BTR @ b_RO.astype(x_BTI.dtype)).astype(y.dtype)
+  return h_BTR @ b_RO.astype(x_BTI.dtype)
+
+
+def project(linear: nnx.Linear, name: str, x_BTI: Array, lora: LoRA | None) -> Array:
+  """linear(x) + ((x A) * gate) B when `lora` has an entry for `name` (RRT Eq. 3, scale 1)."""
+  y = linear_apply(linear, x_BTI)
+  delta = lora_delta(name, x_BTI, lora)
+  return y if delta is None else y + delta.astype(y.dtype)
 
 
 def constrain_activations(x_BTD: Array) -> Array:
@@ -119,20 +158,48 @@ def attention_mask(q: Tokens, kv: Tokens, *, causal: bool, cross_segments: bool)
 
 
 def dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_BTS: Array) -> Array:
-  """softmax(q k^T / sqrt(Dh) + mask) v with grouped kv heads; logits and softmax in float32."""
+  """softmax(q k^T / sqrt(Dh) + mask) v with grouped kv heads; logits and softmax in float32.
+
+  A query that may read no key (padding) gets 0.
+  """
   b, t, h, dh = q_BTHD.shape
   kv_heads = k_BSKD.shape[2]
-  q_BTKGD = q_BTHD.reshape(b, t, kv_heads, h // kv_heads, dh)
+  q_BTKGD = (q_BTHD * dh**-0.5).reshape(b, t, kv_heads, h // kv_heads, dh)
   logits = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32)
-  logits = logits * (dh**-0.5)
   logits = jnp.where(mask_BTS[:, None, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKD.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD)
-  return out.reshape(b, t, h, dh)
+  out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD)
+  out_BTKGD = jnp.where(jnp.any(mask_BTS, axis=-1)[:, :, None, None, None], out_BTKGD, 0)
+  return out_BTKGD.reshape(b, t, h, dh)
+
+
+def block_causal_attention(q_BTHD: Array, k_BTKD: Array, v_BTKD: Array, tok: Tokens, *,
+                           cross_segments: bool, block: int) -> Array:
+  """dot_product_attention(q, k, v, attention_mask(tok, tok, causal=True)) in query blocks.
+
+  Self-attention only, over tokens whose indices ascend strictly along each row (padding aside):
+  then every key after a query's position is masked, so query block [s, e) reads keys [0, e)
+  and the blocks above the diagonal are never computed (about half the work of the T x T path).
+  """
+  mask_BTS = attention_mask(tok, tok, causal=True, cross_segments=cross_segments)
+  t = q_BTHD.shape[1]
+  outs = [dot_product_attention(q_BTHD[:, s:s + block], k_BTKD[:, :s + block],
+                                v_BTKD[:, :s + block], mask_BTS[:, s:s + block, :s + block])
+          for s in range(0, t, block)]
+  return jnp.concatenate(outs, axis=1)
+
+
+def causal_block(t: int) -> int:
+  """Query block of block_causal_attention for rows of t tokens: t / 8, at least 32."""
+  return max(32, -(-t // 8))
 
 
 class Attention(nnx.Module):
-  """Grouped-query attention with RoPE at explicit positions and a segment-aware causal mask."""
+  """Grouped-query attention with RoPE at explicit positions and a segment-aware causal mask.
+
+  Self-attention over `tok`, whose indices ascend along each row (packed rows, and the sorted
+  token subsets of MoR), so it runs block-causal (block_causal_attention).
+  """
 
   def __init__(self, cfg: mlc.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
     d, dh = cfg.d_model, cfg.head_dim
@@ -158,8 +225,8 @@ class Attention(nnx.Module):
     k = apply_rope(k.reshape(b, t, self.num_kv_heads, self.head_dim), tok.positions,
                    self.rope_theta)
     v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
-    mask = attention_mask(tok, tok, causal=True, cross_segments=self.cross_segments)
-    out_BTHD = dot_product_attention(q, k, v, mask)
+    out_BTHD = block_causal_attention(q, k, v, tok, cross_segments=self.cross_segments,
+                                      block=causal_block(t))
     out = out_BTHD.reshape(b, t, self.num_heads * self.head_dim)
     return project(self.o_proj, "o_proj", out, lora)
 

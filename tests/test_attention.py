@@ -1,0 +1,157 @@
+"""The fast attention and projection paths against the plain, obvious ones, in float32."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from research.model import layers
+from tests.model_util import tiny_config
+
+H, K, DH = 4, 2, 8  # query heads, kv heads (GQA), head width
+
+
+def random_segments(rng: np.random.Generator, b: int, t: int) -> np.ndarray:
+  """Packed rows: documents of random lengths (ids 1, 2, ...), padding (0) at the end of some
+  rows and at random places in others."""
+  seg = np.zeros((b, t), np.int32)
+  for row in range(b):
+    pos, doc = 0, 1
+    end = t - int(rng.integers(0, max(1, t // 3))) if row % 2 == 0 else t
+    while pos < end:
+      n = int(rng.integers(1, max(2, t // 2)))
+      seg[row, pos:min(pos + n, end)] = doc
+      pos, doc = pos + n, doc + 1
+    if row % 2:
+      seg[row, rng.random(t) < 0.2] = 0
+  return seg
+
+
+def tokens(seg_BT: np.ndarray, indices_BT: np.ndarray | None = None) -> layers.Tokens:
+  b, t = seg_BT.shape
+  idx = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)) if indices_BT is None else indices_BT
+  return layers.Tokens(positions=jnp.asarray(idx, jnp.int32), segments=jnp.asarray(seg_BT),
+                       indices=jnp.asarray(idx, jnp.int32))
+
+
+def qkv(rng: np.random.Generator, b: int, t: int) -> tuple[jax.Array, ...]:
+  return tuple(jnp.asarray(rng.normal(size=(b, t, n, DH)), jnp.float32) for n in (H, K, K))
+
+
+def masked_reference(q, k, v, tok, cross):
+  return layers.dot_product_attention(
+      q, k, v, layers.attention_mask(tok, tok, causal=True, cross_segments=cross))
+
+
+def assert_same_values_and_grads(fast, slow, args, rng, atol=1e-6):
+  """fast(*args) == slow(*args), and so are the VJPs of one random cotangent."""
+  out_fast, vjp_fast = jax.vjp(fast, *args)
+  out_slow, vjp_slow = jax.vjp(slow, *args)
+  cot = jax.tree.map(lambda o: jnp.asarray(rng.normal(size=o.shape), o.dtype), out_slow)
+  pairs = ((out_fast, out_slow), (vjp_fast(cot), vjp_slow(cot)))
+  for fast_tree, slow_tree in pairs:
+    for a, b in zip(jax.tree.leaves(fast_tree), jax.tree.leaves(slow_tree), strict=True):
+      np.testing.assert_allclose(a, b, atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("t,block,cross", [(1, 1, False), (5, 2, False), (16, 4, False),
+                                           (23, 8, False), (23, 5, True), (23, 64, False),
+                                           (9, 9, True)])
+def test_block_causal_equals_the_masked_path(t, block, cross):
+  """Every row (padding rows read nothing and give 0) and every gradient, T not always a
+  multiple of the block, packed documents and padding."""
+  rng = np.random.default_rng(t * 100 + block)
+  tok = tokens(random_segments(rng, 4, t))
+  fast = lambda q, k, v: layers.block_causal_attention(q, k, v, tok, cross_segments=cross,
+                                                       block=block)
+  slow = lambda q, k, v: masked_reference(q, k, v, tok, cross)
+  assert_same_values_and_grads(fast, slow, qkv(rng, 4, t), rng)
+
+
+def test_block_causal_on_a_gathered_subset_equals_the_masked_path():
+  """A sorted subset of each row's tokens with some slots marked padding (the MoR gather):
+  the indices still ascend, so skipping keys after each block is exact."""
+  rng = np.random.default_rng(7)
+  b, t, n = 3, 21, 13
+  full = tokens(random_segments(rng, b, t))
+  idx_BN = jnp.asarray(np.sort(np.stack([rng.choice(t, n, replace=False) for _ in range(b)]), 1))
+  sub = full.take(idx_BN)
+  sub = sub._replace(segments=jnp.where(jnp.asarray(rng.random((b, n)) < 0.25), 0, sub.segments))
+  fast = lambda q, k, v: layers.block_causal_attention(q, k, v, sub, cross_segments=False,
+                                                       block=4)
+  slow = lambda q, k, v: masked_reference(q, k, v, sub, False)
+  assert_same_values_and_grads(fast, slow, qkv(rng, b, n), rng)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (2, 3, 5)])
+def test_matmul_vjp_equals_autodiff_of_the_dot(shape):
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(shape[-1], 4)), jnp.float32)
+  assert_same_values_and_grads(jax.jit(layers.matmul), lambda x, w: x @ w, (x, w), rng)
+
+
+@pytest.mark.parametrize("entry", ["none", "pair", "gated"])
+def test_project_equals_the_linear_layer_plus_its_lora(entry):
+  """project = nnx.Linear's own call + ((x A) * gate) B, values and gradients (the backward of
+  `matmul` replaces autodiff's)."""
+  rng = np.random.default_rng(6)
+  b, t, d, r, o = 3, 4, 5, 2, 7
+  with nnx.use_eager_sharding(False):
+    lin = nnx.Linear(d, o, use_bias=False, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(lin)
+  lora = {}
+  if entry != "none":
+    lora["p"] = (jnp.asarray(rng.normal(size=(d, r)), jnp.float32),
+                 jnp.asarray(rng.normal(size=(r, o)), jnp.float32))
+  if entry == "gated":
+    lora["p"] += (jnp.asarray([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]),)
+  x = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+
+  def fast(x, params, lora):
+    return layers.project(nnx.merge(graphdef, params), "p", x, lora)
+
+  def slow(x, params, lora):
+    y = nnx.merge(graphdef, params)(x)
+    if not lora:
+      return y
+    a, b_, *gate = lora["p"]
+    h = x @ a
+    return y + (h * gate[0][:, None, :] if gate else h) @ b_
+
+  assert_same_values_and_grads(fast, slow, (x, params, lora), rng)
+
+
+def test_attention_module_equals_its_unfused_masked_reference(monkeypatch):
+  """Attention.__call__ (blocks of 4 over 11 tokens) against the full masked T x T path, with
+  per-projection LoRA, documents and padding."""
+  cfg = tiny_config().model
+  with nnx.use_eager_sharding(False):
+    attn = layers.Attention(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(5)
+  b, t, d, r = 2, 11, cfg.d_model, 2
+  tok = tokens(random_segments(rng, b, t))
+  x = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+  lora = {name: (jnp.asarray(0.3 * rng.normal(size=(d, r)), jnp.float32),
+                 jnp.asarray(0.3 * rng.normal(size=(r, getattr(attn, name).out_features)),
+                             jnp.float32))
+          for name in ("q_proj", "v_proj", "o_proj")}
+
+  def reference(x, lora):
+    proj = {n: layers.project(getattr(attn, n), n, x, lora) for n in ("q_proj", "k_proj", "v_proj")}
+    q = layers.apply_rope(proj["q_proj"].reshape(b, t, -1, cfg.head_dim), tok.positions,
+                          attn.rope_theta)
+    k = layers.apply_rope(proj["k_proj"].reshape(b, t, -1, cfg.head_dim), tok.positions,
+                          attn.rope_theta)
+    v = proj["v_proj"].reshape(b, t, -1, cfg.head_dim)
+    out = masked_reference(q, k, v, tok, attn.cross_segments).reshape(b, t, -1)
+    return layers.project(attn.o_proj, "o_proj", out, lora)
+
+  monkeypatch.setattr(layers, "causal_block", lambda t: 4)
+  assert_same_values_and_grads(lambda x, lora: attn(x, tok, lora), reference, (x, lora), rng,
+                               atol=1e-5)
+
+
+def test_causal_block_is_an_eighth_of_the_row_and_at_least_32():
+  assert [layers.causal_block(t) for t in (16, 256, 2048, 2049)] == [32, 32, 256, 257]
