@@ -5,8 +5,8 @@ import pytest
 
 from research.analysis import depthwise_batching as cdb
 
-CONSTANT = lambda batch: 1.0  # noqa: E731
-LINEAR = lambda batch: 2.0 + 0.25 * batch  # noqa: E731  (a memory-bound decoder's shape)
+CONSTANT = lambda batch: 1.0
+LINEAR = lambda batch: 2.0 + 0.25 * batch  # a memory-bound decoder's shape
 
 
 @pytest.mark.parametrize("step_time", [CONSTANT, LINEAR])
