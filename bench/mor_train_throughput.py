@@ -16,7 +16,7 @@ Analytic ratios, each MoR (or recursive) over vanilla:
   exact     research/train/flops.py train_flops_per_token: every matmul incl. head and routers,
             causal attention at its useful half over the tokens of each step;
   compiled  XLA's FLOP count of the compiled train step (cost_analysis): what the program really
-            executes, e.g. the full T x T attention scores under the causal mask, elementwise ops;
+            executes, e.g. masked attention scores (the diagonal blocks), elementwise ops;
   paper     flops.py paper_flops_per_token (MoR App. D: forward, no head, K/V as d x d).
 The gap is measured / exact - 1.
 
