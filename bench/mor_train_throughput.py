@@ -27,7 +27,6 @@ with its tokens (min over `--steps` runs each).
 
 import ast
 import json
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from bench.synthetic import cpu_seconds, synthetic_batch
 from configs import mor as mor_configs
 from configs import vanilla as vanilla_configs
 from research import config as config_lib
@@ -64,14 +64,6 @@ flags.DEFINE_multi_string("set", [], "dotted.key=value applied to all three conf
 flags.DEFINE_bool("pieces", False, "Also time a block and its halves at each step's tokens.")
 flags.DEFINE_string("json", "", "Also write the result to this JSON file.")
 FLAGS = flags.FLAGS
-
-
-def synthetic_batch(cfg: mlc.ConfigDict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """Random tokens [B, T + 1], one document per row (as bench/train_throughput.py)."""
-  b, t = cfg.train.batch_size, cfg.data.seq_len + 1
-  tokens = rng.integers(0, cfg.model.vocab_size, (b, t), dtype=np.int32)
-  positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
-  return {"tokens": tokens, "positions": positions, "segment_ids": np.ones((b, t), np.int32)}
 
 
 def apply_overrides(cfg: mlc.ConfigDict, overrides: dict[str, Any]) -> None:
@@ -117,12 +109,6 @@ def compile_step(cfg: mlc.ConfigDict, mesh: jax.sharding.Mesh
                    out_shardings=(shardings, None), donate_argnums=0)
   compiled = jitted.lower(state, batch).compile()
   return compiled, state, batch, float(compiled.cost_analysis()["flops"])
-
-
-def cpu_seconds() -> float:
-  """CPU time of this process, all threads (user + system)."""
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  return usage.ru_utime + usage.ru_stime
 
 
 def min_seconds(fn: Callable, *args, repeats: int) -> float:

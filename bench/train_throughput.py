@@ -10,7 +10,6 @@ otherwise idle machine (docs/benchmarks.md).
 
 import json
 import os
-import resource
 import time
 
 import jax
@@ -20,6 +19,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
+from bench.synthetic import cpu_seconds, synthetic_batch
 from research import config as config_lib
 from research.model.lm import LanguageModel
 from research.train import flops, peak
@@ -32,20 +32,6 @@ config_flags.DEFINE_config_file("config", "configs/vanilla.py:small", "Experimen
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 FLAGS = flags.FLAGS
-
-
-def synthetic_batch(cfg: mlc.ConfigDict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """Random tokens [B, T + 1]; every row is one document."""
-  b, t = cfg.train.batch_size, cfg.data.seq_len + 1
-  tokens = rng.integers(0, cfg.model.vocab_size, (b, t), dtype=np.int32)
-  positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
-  return {"tokens": tokens, "positions": positions, "segment_ids": np.ones((b, t), np.int32)}
-
-
-def cpu_seconds() -> float:
-  """CPU time of this process, all threads (user + system)."""
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  return usage.ru_utime + usage.ru_stime
 
 
 def benchmark(cfg: mlc.ConfigDict, steps: int, warmup: int) -> dict:
