@@ -1,4 +1,5 @@
-"""Every notebook runs top to bottom (nbclient) against a small workdir made here."""
+"""Every notebook runs top to bottom (nbclient) against a small workdir made here: a fake one
+with metrics and config, or, for the notebooks that load a checkpoint, a real tiny run."""
 
 import glob
 import json
@@ -7,6 +8,8 @@ import os
 import nbclient
 import nbformat
 import pytest
+
+from tests import launch_util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,9 +27,21 @@ def fake_workdir(path: str) -> str:
   return path
 
 
+def mor_run(path: str) -> str:
+  """A 4-step expert-choice MoR run (Nr = 3 over 5 layers) of the launcher tests' tiny shape."""
+  launcher = launch_util.Launcher(os.path.join(path, "shared"), config="configs/mor.py:tiny")
+  result = launcher.run(os.path.join(path, "run"), {"model.num_layers": 5, "train.steps": 4})
+  assert result.returncode == 0, result.stderr
+  return os.path.join(path, "run")
+
+
+RUNS = {"mor_routing.ipynb": mor_run}  # notebook -> the workdir it needs (default: fake_workdir)
+
+
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb"))))
 def test_notebook_runs(path, tmp_path, monkeypatch):
-  monkeypatch.setenv("WORKDIR", fake_workdir(str(tmp_path / "run")))
+  make_run = RUNS.get(os.path.basename(path), lambda p: fake_workdir(os.path.join(p, "run")))
+  monkeypatch.setenv("WORKDIR", make_run(str(tmp_path)))
   monkeypatch.setenv("MPLBACKEND", "Agg")
   monkeypatch.setenv("PYTHONPATH", ROOT)
   nb = nbformat.read(path, as_version=4)

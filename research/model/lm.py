@@ -88,13 +88,7 @@ class LanguageModel(nnx.Module):
     """Float32 logits [B, T, V] and the aux dict. With `exits` (a recursive core), a list of
     logits, one per loop: the final norm and LM head on the hidden state after each loop (RRT
     §2.4 early exits; the coda runs only on the last), the last entry being the usual output."""
-    b, t = tokens_BT.shape
-    indices_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    tok = Tokens(positions=indices_BT if positions_BT is None else positions_BT,
-                 segments=jnp.ones_like(tokens_BT) if segments_BT is None else segments_BT,
-                 indices=indices_BT)
-    x_BTD = constrain_activations(self.embed(tokens_BT))
-    x_BTD, _ = self.prelude(x_BTD, tok)
+    x_BTD, tok = self.core_inputs(tokens_BT, positions_BT, segments_BT)
     if exits:
       if not isinstance(self.core, recursion.Recursion):
         raise ValueError("early exits need a recursive core (config.model.recursion.strategy "
@@ -105,6 +99,19 @@ class LanguageModel(nnx.Module):
     x_BTD, aux = self.core(x_BTD, tok)
     x_BTD, _ = self.coda(x_BTD, tok)
     return self.logits(x_BTD), aux
+
+  def core_inputs(self, tokens_BT: Array, positions_BT: Array | None = None,
+                  segments_BT: Array | None = None) -> tuple[Array, Tokens]:
+    """The hidden states entering the core (embedding, then the prelude layers) and the tokens'
+    metadata (positions default to 0..T-1, segments to one document per row)."""
+    b, t = tokens_BT.shape
+    indices_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    tok = Tokens(positions=indices_BT if positions_BT is None else positions_BT,
+                 segments=jnp.ones_like(tokens_BT) if segments_BT is None else segments_BT,
+                 indices=indices_BT)
+    x_BTD = constrain_activations(self.embed(tokens_BT))
+    x_BTD, _ = self.prelude(x_BTD, tok)
+    return x_BTD, tok
 
   def logits(self, x_BTD: Array) -> Array:
     """The exit head: final norm then the (tied or untied) LM head, float32 [B, T, V]."""

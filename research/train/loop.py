@@ -26,6 +26,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from configs import base
 from research import config as config_lib
 from research.convert import load, recursive_init
 from research.data import corpus, pipeline
@@ -76,12 +77,13 @@ def total_steps(cfg: mlc.ConfigDict) -> int:
 
 def check_workdir_config(cfg: mlc.ConfigDict, workdir: str) -> None:
   """Refuses a workdir that holds a run with different run-defining keys (unless allowed);
-  a training run then records its config there (eval mode writes nothing)."""
+  a training run then records its config there (eval mode writes nothing). A key the saved
+  config lacks (added to the code since) counts as its configs/base.py default."""
   path = os.path.join(workdir, "config.json")
   new = _flatten(json.loads(cfg.to_json_best_effort()))
   if os.path.exists(path):
     with open(path) as f:
-      old = _flatten(json.load(f))
+      old = _flatten(json.loads(base.get_config().to_json_best_effort())) | _flatten(json.load(f))
     defining = lambda k: any(k == p or k.startswith(f"{p}.") for p in RUN_DEFINING)
     changed = [k for k in sorted(set(old) | set(new))
                if defining(k) and old.get(k, "(absent)") != new.get(k, "(absent)")]
