@@ -47,8 +47,7 @@ class MetricWriter:
       f.write(json.dumps(record) + "\n")
     if self.wandb is not None:
       try:
-        self.wandb.log({f"{kind}/{k}": v for k, v in record.items() if k not in ("step", "kind")},
-                       step=int(step))
+        self.wandb.log(wandb_scalars(record), step=int(step))
       except Exception as e:  # W&B must never stop a run
         logging.warning("wandb.log failed (%s); W&B logging is off for this run", e)
         self.wandb = None
@@ -76,6 +75,21 @@ class MetricWriter:
         self.wandb.finish()
       except Exception as e:
         logging.warning("wandb.finish failed: %s", e)
+
+
+def wandb_scalars(record: dict) -> dict[str, Any]:
+  """A metrics.jsonl record as W&B scalars "<kind>/<key>"; a list (per-step or per-depth values,
+  histogram bins) becomes one scalar per entry, "<kind>/<key>/<i>", so W&B can chart it."""
+  out = {}
+  for key, value in record.items():
+    if key in ("step", "kind"):
+      continue
+    name = f"{record['kind']}/{key}"
+    if isinstance(value, list):
+      out.update({f"{name}/{i}": x for i, x in enumerate(value)})
+    else:
+      out[name] = value
+  return out
 
 
 def _scalar(v: Any) -> Any:
