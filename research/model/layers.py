@@ -6,6 +6,7 @@ G = H // K query heads per kv head, Dh head width, F MLP width, V vocabulary.
 Every weight carries logical axis names (research/train/mesh.py maps them onto the device mesh).
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -38,6 +39,10 @@ def normal_init(std: float, names: tuple[str | None, ...]):
   return nnx.with_partitioning(nnx.initializers.normal(std), names)
 
 
+# (q_BTHD, k_BTKD, v_BTKD) of a block's new tokens, RoPE applied -> attention output [B, T, H, Dh]:
+# replaces a block's self-attention (research/infer attends over a KV cache instead).
+Attend = Callable[[Array, Array, Array], Array]
+
 # projection name -> (A [in, r], B [r, out]) of one depth, or (A, B, gate [B, r]) of a merged
 # LoRA whose rank components are switched on per batch row (recursion.DepthLoRA.merged).
 LoRA = dict[str, tuple[Array, ...]]
@@ -47,9 +52,10 @@ LoRA = dict[str, tuple[Array, ...]]
 def matmul(x_BTI: Array, w_IO: Array) -> Array:
   """y = x w over x's last axis (any leading axes); backward dx = g (w^T), dw = x^T g.
 
-  w^T is materialised (optimization_barrier) instead of being read transposed inside the dot:
-  XLA:CPU's dot is slower on a transposed right operand, and the copy is only weight-sized
-  (docs/benchmarks.md).
+  On CPU, w^T is materialised (optimization_barrier) instead of being read transposed inside the
+  dot: XLA:CPU's dot is slower on a transposed right operand, and the copy is only weight-sized
+  (docs/benchmarks.md). GPU and TPU matmuls take transposed operands natively, so there the
+  transpose is left to XLA to fuse.
   """
   return jax.lax.dot_general(x_BTI, w_IO, (((x_BTI.ndim - 1,), (0,)), ((), ())))
 
@@ -60,7 +66,9 @@ def _matmul_fwd(x_BTI: Array, w_IO: Array) -> tuple[Array, tuple[Array, Array]]:
 
 def _matmul_bwd(res: tuple[Array, Array], g_BTO: Array) -> tuple[Array, Array]:
   x_BTI, w_IO = res
-  w_OI = jax.lax.optimization_barrier(w_IO.T)
+  w_OI = w_IO.T
+  if jax.default_backend() == "cpu":
+    w_OI = jax.lax.optimization_barrier(w_OI)
   dx_BTI = jax.lax.dot_general(g_BTO, w_OI, (((g_BTO.ndim - 1,), (0,)), ((), ())))
   lead = tuple(range(x_BTI.ndim - 1))
   dw_IO = jax.lax.dot_general(x_BTI, g_BTO, ((lead, lead), ((), ())))
@@ -216,7 +224,9 @@ class Attention(nnx.Module):
     self.v_proj = linear(d, cfg.num_kv_heads * dh, ("embed", "kv_heads"))
     self.o_proj = linear(cfg.num_heads * dh, d, ("heads", "embed"))
 
-  def __call__(self, x_BTD: Array, tok: Tokens, lora: LoRA | None = None) -> Array:
+  def __call__(self, x_BTD: Array, tok: Tokens, lora: LoRA | None = None,
+               attend: Attend | None = None) -> Array:
+    """`attend`, when given, replaces the block-causal self-attention over `tok`."""
     b, t, _ = x_BTD.shape
     q = project(self.q_proj, "q_proj", x_BTD, lora)
     k = project(self.k_proj, "k_proj", x_BTD, lora)
@@ -225,8 +235,11 @@ class Attention(nnx.Module):
     k = apply_rope(k.reshape(b, t, self.num_kv_heads, self.head_dim), tok.positions,
                    self.rope_theta)
     v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
-    out_BTHD = block_causal_attention(q, k, v, tok, cross_segments=self.cross_segments,
-                                      block=causal_block(t))
+    if attend is None:
+      out_BTHD = block_causal_attention(q, k, v, tok, cross_segments=self.cross_segments,
+                                        block=causal_block(t))
+    else:
+      out_BTHD = attend(q, k, v)
     out = out_BTHD.reshape(b, t, self.num_heads * self.head_dim)
     return project(self.o_proj, "o_proj", out, lora)
 
@@ -261,8 +274,9 @@ class Block(nnx.Module):
                       param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x_BTD: Array, tok: Tokens, lora: LoRA | None = None,
-               norms: tuple[Array, Array] | None = None) -> Array:
-    """`lora`: this depth's LoRA pairs; `norms`: this depth's (attn, ffn) norm scales."""
+               norms: tuple[Array, Array] | None = None, attend: Attend | None = None) -> Array:
+    """`lora`: this depth's LoRA pairs; `norms`: this depth's (attn, ffn) norm scales; `attend`:
+    replaces the self-attention (Attention.__call__)."""
     attn_scale, ffn_scale = (None, None) if norms is None else norms
-    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD, attn_scale), tok, lora)
+    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD, attn_scale), tok, lora, attend)
     return constrain_activations(x_BTD + self.ffn(self.ffn_norm(x_BTD, ffn_scale), lora))
