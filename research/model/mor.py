@@ -101,6 +101,27 @@ def capacities(m: mlc.ConfigDict) -> tuple[float, ...]:
   return tuple(m.mor.capacity) or routing.default_capacities(m.recursion.num_recursions)
 
 
+def threshold_route(valid_BC: Array, rule_BC: Array, capacity: float) -> Array:
+  """The causal inference rule (§2.5): a candidate runs the step iff sigma(rule) > 0.5, except
+  that a step of capacity 1 passes every candidate."""
+  return valid_BC & (rule_BC > 0) if capacity < 1 else valid_BC
+
+
+def gated_add(x_BTD: Array, y_BTD: Array, w_BT: Array, sel_BT: Array) -> Array:
+  """Expert-choice combine (Eq. 2.1): x + w f(x) for the selected tokens, x elsewhere."""
+  return jnp.where(sel_BT[..., None], x_BTD + (w_BT[..., None] * y_BTD).astype(x_BTD.dtype), x_BTD)
+
+
+def token_update(gate: str, r: int, x_BKD: Array, x1_BKD: Array, y_BKD: Array, w_BK: Array,
+                 d_BK: Array, sel_BK: Array) -> Array:
+  """Token-choice state after step r (§2.4 step 4): exiting tokens (depth r + 1) get
+  x1 + w f, continuing ones f (gate 'every': w f); tokens outside the step keep x."""
+  w_BK1 = w_BK[..., None]
+  inner = w_BK1 * y_BKD if gate == "every" else y_BKD
+  new_BKD = jnp.where(d_BK[..., None] == r + 1, x1_BKD + w_BK1 * y_BKD, inner)
+  return jnp.where(sel_BK[..., None], new_BKD.astype(x_BKD.dtype), x_BKD)
+
+
 def masked_tokens(tok: Tokens, keep: Array) -> Tokens:
   """tok with the tokens outside `keep` marked as padding: nobody attends to them."""
   return tok._replace(segments=jnp.where(keep, tok.segments, 0))
@@ -195,14 +216,9 @@ class MoR(nnx.Module):
     for r in range(nr):
       full = idx_BC.shape[1] == t  # candidates are the whole row in order
       x_BCD = x_BTD if full else routing.gather_rows(x_BTD, idx_BC)
-      s_BC = self.router(x_BCD / c.temp, r)[..., 0]
-      g_BC = routing.expert_gate(s_BC, e.func, e.alpha)
-      a_BC = (None if self.aux_router is None
-              else self.aux_router(jax.lax.stop_gradient(x_BCD) / c.temp, r)[..., 0])
-      rule_BC = s_BC if a_BC is None else a_BC  # the logits of the causal rule sigma > 0.5
-      w_BC = g_BC if e.gating == "weighted" else jnp.ones_like(g_BC)
-      if e.route == "threshold":  # causal; a capacity-1 step passes every candidate
-        target_BC = valid_BC & (rule_BC > 0) if ks[r] < t else valid_BC
+      s_BC, g_BC, rule_BC, w_BC = self.expert_scores(x_BCD, r)
+      if e.route == "threshold":
+        target_BC = threshold_route(valid_BC, rule_BC, self.capacity[r])
       else:
         loc_BK, sel_BK, target_BC = routing.select_topk(g_BC, valid_BC, ks[r], live[r])
       if gather:
@@ -212,10 +228,10 @@ class MoR(nnx.Module):
         x_BKD = x_BTD if in_place else routing.gather_rows(x_BTD, idx_BK)
         tok_K = masked_tokens(tok if in_place else tok.take(idx_BK), sel_BK)
         y_BKD, shared = self.run_step(r, x_BKD, tok_K, shared, (idx_BK, sel_BK))
-        upd_BKD = (w_BK[..., None] * y_BKD).astype(x_BTD.dtype)
         if in_place:
-          x_BTD = jnp.where(sel_BK[..., None], x_BTD + upd_BKD, x_BTD)
+          x_BTD = gated_add(x_BTD, y_BKD, w_BK, sel_BK)
         else:
+          upd_BKD = (w_BK[..., None] * y_BKD).astype(x_BTD.dtype)
           x_BTD = routing.scatter_add_rows(x_BTD, idx_BK, jnp.where(sel_BK[..., None], upd_BKD, 0))
         sel_BT = jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], idx_BK].set(sel_BK)
         indices.append(idx_BK)
@@ -225,8 +241,7 @@ class MoR(nnx.Module):
         sel_BT = target_BC
         y_BTD, shared = self.run_step(r, x_BTD, masked_tokens(tok, sel_BT), shared,
                                       (rows_BT, sel_BT))
-        upd_BTD = (w_BC[..., None] * y_BTD).astype(x_BTD.dtype)
-        x_BTD = jnp.where(sel_BT[..., None], x_BTD + upd_BTD, x_BTD)
+        x_BTD = gated_add(x_BTD, y_BTD, w_BC, sel_BT)
         if e.route != "threshold":
           indices.append(loc_BK)
           valids.append(sel_BK)
@@ -241,6 +256,18 @@ class MoR(nnx.Module):
     else:
       aux["loss/mor_aux_router"] = jnp.sum(aux["mor/bce"])
     return x_BTD, aux, Routes(tuple(selected), tuple(indices), tuple(valids), depth_BT)
+
+  def expert_scores(self, x_BCD: Array, r: int) -> tuple[Array, Array, Array, Array]:
+    """§2.2 step 2 for step r's candidates: router logits s, gate g = alpha func(s), the logits
+    of the causal rule sigma > 0.5 (the aux router's when there is one) and the combine weight
+    (g, or 1 for additive gating)."""
+    c, e = self.cfg, self.cfg.expert
+    s_BC = self.router(x_BCD / c.temp, r)[..., 0]
+    g_BC = routing.expert_gate(s_BC, e.func, e.alpha)
+    rule_BC = (s_BC if self.aux_router is None
+               else self.aux_router(jax.lax.stop_gradient(x_BCD) / c.temp, r)[..., 0])
+    w_BC = g_BC if e.gating == "weighted" else jnp.ones_like(g_BC)
+    return s_BC, g_BC, rule_BC, w_BC
 
   def expert_stats(self, s_BC, rule_BC, target_BC, valid_BC) -> dict[str, Array]:
     """One step's BCE (of the aux router when there is one), z-loss, threshold accuracy and
@@ -260,15 +287,7 @@ class MoR(nnx.Module):
     b, t, _ = x_BTD.shape
     nr = self.plan.num_recursions
     valid_BT = tok.segments != 0
-    logits_BTN = self.router(x_BTD / c.temp, 0)
-    probs_BTN = routing.token_probs(logits_BTN, tc.func, tc.alpha)
-    bias_N = jnp.zeros((nr,), jnp.float32) if self.bias is None else self.bias[...]
-    choice_BT = routing.top1_depth(probs_BTN, bias_N)
-    warming = None
-    if self.counter is not None:  # balance warm-up: everyone runs every step
-      warming = self.counter[...] < tc.bal_warmup_steps
-      choice_BT = jnp.where(warming, nr - 1, choice_BT)
-    gate_BT = routing.chosen_prob(probs_BTN, choice_BT)
+    logits_BTN, probs_BTN, choice_BT, gate_BT = self.token_route(x_BTD)
     buffers = routing.token_buffers(nr, t, tc.capacity_factor)
     depth_BT = jnp.where(valid_BT, choice_BT + 1, 0)
     if min(buffers) < t:
@@ -291,10 +310,7 @@ class MoR(nnx.Module):
            tok.take(idx_BK)))
       y_BKD, shared = self.run_step(r, x_BKD, masked_tokens(tok_K, sel_BK), shared,
                                     (idx_BK, sel_BK))
-      w_BK1 = w_BK[..., None]
-      inner = w_BK1 * y_BKD if tc.gate == "every" else y_BKD
-      new_BKD = jnp.where(d_BK[..., None] == r + 1, x1_BKD + w_BK1 * y_BKD, inner)
-      new_BKD = jnp.where(sel_BK[..., None], new_BKD.astype(x_BTD.dtype), x_BKD)
+      new_BKD = token_update(tc.gate, r, x_BKD, x1_BKD, y_BKD, w_BK, d_BK, sel_BK)
       state_BTD = new_BKD if in_place else routing.scatter_set_rows(state_BTD, idx_BK, new_BKD)
       selected.append(active_BT)
     load_N = routing.load(choice_BT, valid_BT, nr)
@@ -309,8 +325,24 @@ class MoR(nnx.Module):
     if tc.balancing == "loss":
       aux["loss/mor_balance"] = tc.bal_coeff * aux["mor/balance"]
     if self.bias is not None:
-      new_bias = routing.loss_free_bias(bias_N, load_N, tc.bias_rate)
-      if warming is not None:
-        new_bias = jnp.where(warming, 0.0, new_bias)
+      new_bias = routing.loss_free_bias(self.bias[...], load_N, tc.bias_rate)
+      if self.counter is not None:
+        new_bias = jnp.where(self.warming(), 0.0, new_bias)
       aux[f"update/{PATH}/bias"] = new_bias
     return state_BTD, aux, Routes(tuple(selected), tuple(indices), tuple(valids), depth_BT)
+
+  def token_route(self, x1_BTD: Array) -> tuple[Array, Array, Array, Array]:
+    """§2.4 steps 1-2 on the core input x1: router logits, p, the top-1 depth index (argmax of
+    p + bias; Nr - 1 for every token during the balance warm-up) and its gate p[choice]."""
+    tc, nr = self.cfg.token, self.plan.num_recursions
+    logits_BTN = self.router(x1_BTD / self.cfg.temp, 0)
+    probs_BTN = routing.token_probs(logits_BTN, tc.func, tc.alpha)
+    bias_N = jnp.zeros((nr,), jnp.float32) if self.bias is None else self.bias[...]
+    choice_BT = routing.top1_depth(probs_BTN, bias_N)
+    if self.counter is not None:  # balance warm-up: everyone runs every step
+      choice_BT = jnp.where(self.warming(), nr - 1, choice_BT)
+    return logits_BTN, probs_BTN, choice_BT, routing.chosen_prob(probs_BTN, choice_BT)
+
+  def warming(self) -> Array:
+    """Token choice: whether the balance warm-up is still on (counter < bal_warmup_steps)."""
+    return self.counter[...] < self.cfg.token.bal_warmup_steps

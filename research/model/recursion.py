@@ -178,14 +178,18 @@ class Recursion(nnx.Module):
         x_BTD = self.loop_step(x_BTD, tok, jnp.full((x_BTD.shape[0],), loop, jnp.int32))
         outs.append(x_BTD)
       return outs
-    for depth, j in enumerate(self.plan.order):
-      lora = None if self.lora is None else self.lora.at(depth)
-      norms = None if self.attn_norms is None else (self.attn_norms[depth],
-                                                    self.ffn_norms[depth])
-      x_BTD = self.step(self.blocks[j], x_BTD, tok, lora, norms)
+    for depth in range(len(self.plan.order)):
+      block, lora, norms = self.at_depth(depth)
+      x_BTD = self.step(block, x_BTD, tok, lora, norms)
       if (depth + 1) % self.plan.num_shared == 0:
         outs.append(x_BTD)
     return outs
+
+  def at_depth(self, depth: int) -> tuple[nnx.Module, LoRA | None, tuple[Array, Array] | None]:
+    """(shared block, LoRA, (attn, ffn) norm scales) of core depth `depth` (per-depth LoRA)."""
+    lora = None if self.lora is None else self.lora.at(depth)
+    norms = None if self.attn_norms is None else (self.attn_norms[depth], self.ffn_norms[depth])
+    return self.blocks[self.plan.order[depth]], lora, norms
 
   def loop_step(self, x_BTD: Array, tok: Tokens, loop_B: Array) -> Array:
     """One pass over the shared layers, row b at loop loop_B[b] (its LoRAs and norms): the
