@@ -1,6 +1,8 @@
-"""The only entry point: train, resume or evaluate a model described by a config file.
+"""The only entry point: train, resume, evaluate or sample from a model described by a config file.
 
   python launch.py --config=configs/vanilla.py:tiny --workdir=runs/tiny [--config.key=value ...]
+  ... --config.mode=eval        validation NLL of the workdir's newest checkpoint
+  ... --config.mode=generate    continue config.generate.prompt with it (docs/inference.md)
 
 Exit status: 0 when the run finished or was stopped by SIGTERM/SIGINT with a checkpoint; 1 with a
 one-line "error: ..." for a bad config, data or checkpoint, or a non-finite stop; 130 when a
@@ -14,6 +16,7 @@ from ml_collections import config_flags
 
 from research import config as config_lib
 from research import sweep
+from research.infer import generate
 from research.train import checkpoint, loop, mesh
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].",
@@ -66,6 +69,8 @@ def main(argv: list[str]) -> None:
         sys.exit(1)
     elif cfg.mode == "eval":
       loop.evaluate_checkpoint(cfg, FLAGS.workdir)
+    elif cfg.mode == "generate":
+      generate.generate_from_checkpoint(cfg, FLAGS.workdir)
     elif loop.train(cfg, FLAGS.workdir)["status"] == "nonfinite":
       sys.exit(1)
   except (config_lib.ConfigError, checkpoint.NonFiniteStateError) as e:

@@ -11,7 +11,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   del arg  # presets are applied by the experiment files (configs/presets.py)
   c = mlc.ConfigDict()
   c.seed = 0  # model init, dropout-free training RNG and data shuffle all derive from it
-  c.mode = "train"  # train | eval: eval loads the latest checkpoint and reports validation NLL
+  c.mode = "train"  # train | eval (validation NLL) | generate (continue generate.prompt)
   c.allow_config_change = False  # resume a workdir whose saved config differs in model/data keys
 
   c.model = mlc.ConfigDict()
@@ -127,6 +127,13 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.checkpoint.keep = 3  # checkpoints kept
   c.checkpoint.async_save = True  # write checkpoints in the background
   c.checkpoint.restore_from = ""  # a checkpoint step dir to start from
+
+  c.generate = mlc.ConfigDict()  # mode=generate: KV-cached decoding (docs/inference.md)
+  c.generate.prompt = "ROMEO:"  # text to continue (tokenized without an end-of-document token)
+  c.generate.num_tokens = 32  # tokens generated after the prompt
+  c.generate.temperature = 0.0  # 0: greedy (argmax); > 0: sample from softmax(logits / temp)
+  c.generate.seed = 0  # sampling key jax.random.key(seed) (unused when greedy)
+  c.generate.num_samples = 1  # continuations of the prompt, decoded as one batch
 
   c.wandb = mlc.ConfigDict()
   c.wandb.mode = "offline"  # offline | online | disabled

@@ -204,12 +204,21 @@ def validate_train(cfg: mlc.ConfigDict) -> None:
            "no such file or directory (an HF Llama directory or a .gguf file)")
 
 
+def validate_generate(cfg: mlc.ConfigDict) -> None:
+  g = cfg.generate
+  _check(bool(g.prompt), "generate.prompt", g.prompt, "must be non-empty (the text to continue)")
+  _positive(cfg, "generate.num_tokens")
+  _check(g.temperature >= 0, "generate.temperature", g.temperature, "must be >= 0 (0: greedy)")
+  _positive(cfg, "generate.num_samples")
+
+
 def validate(cfg: mlc.ConfigDict) -> None:
   """Checks every section; raises ConfigError naming the first offending key."""
-  _one_of(cfg, "mode", ("train", "eval"))
+  _one_of(cfg, "mode", ("train", "eval", "generate"))
   validate_model(cfg)
   validate_data(cfg)
   validate_train(cfg)
+  validate_generate(cfg)
   _check(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "must be >= 0")
   _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, "must be >= 1")
   if cfg.checkpoint.restore_from:

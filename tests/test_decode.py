@@ -1,0 +1,218 @@
+"""KV-cached decoding (research/infer): decode = prefill = the full forward (MoR spec §8 check 9).
+
+For each supported core: prefill on a prompt, then decode_step on the remaining tokens one by one,
+gives the logits of one full forward `model(tokens)` at every position (fp32); for MoR, built with
+the causal threshold rule (expert choice) so the full forward routes alike, every token's realised
+depth equals the forward's Routes.depth. Tiny shapes (d = 32, vocab 64, T = 12); each core's
+model and results are built once and shared by the tests that read them.
+"""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from research import config as config_lib
+from research.analysis import routing
+from research.infer import decode, generate
+from research.model import mor
+from research.model.lm import LanguageModel
+from tests import launch_util
+from tests.model_util import tiny_config
+
+T, PROMPT, MAX_LEN = 12, 5, 14  # the cache keeps 2 spare slots: unwritten entries stay unread
+THRESHOLD = {"kind": "expert", "impl": "masked", "expert.route": "threshold"}
+MC3 = dict(strategy="middle_cycle", num_recursions=3)
+
+# core name -> (num_layers, model.recursion overrides, model.mor overrides)
+CORES = {
+    "vanilla": (2, {}, {}),
+    "cycle_lora_untied_norms": (4, dict(strategy="cycle", num_recursions=2, lora_rank=4,
+                                        share_norms=False), {}),
+    "sequence": (4, dict(strategy="sequence", num_recursions=2), {}),
+    "middle_cycle_merged_lora": (6, dict(strategy="middle_cycle", num_recursions=2, lora_rank=4,
+                                         lora_merged=True, share_norms=False), {}),
+    "middle_sequence_lora": (6, dict(strategy="middle_sequence", num_recursions=2,
+                                     lora_rank=4), {}),
+    # c_1 < 1: step 1 routes too; two shared layers per step
+    "expert_cache": (8, MC3,
+                     dict(THRESHOLD, capacity=(0.75, 0.5, 0.25))),
+    "expert_share_aux_router_additive": (5, MC3,
+                                         dict(THRESHOLD, kv="share", **{
+                                             "expert.sampling": "aux_router",
+                                             "expert.gating": "additive"})),
+    "token_cache_loss_free": (5, MC3,
+                              {"kind": "token", "token.balancing": "loss_free"}),
+    "token_share_every": (5, MC3,
+                          {"kind": "token", "kv": "share", "token.gate": "every",
+                           "token.func": "sigmoid"}),
+}
+
+
+def model_config(layers: int, rec: dict, mor_overrides: dict):
+  """tiny_config with vocab 64 and the given depth, model.recursion and (dotted) model.mor keys."""
+  cfg = tiny_config(num_layers=layers, vocab_size=64)
+  cfg.model.recursion.update(rec)
+  for key, value in mor_overrides.items():
+    node = cfg.model.mor
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  config_lib.validate(cfg)
+  return cfg
+
+
+@functools.cache
+def build(name: str) -> LanguageModel:
+  """The seed-0 model of `name`, its routers scaled so that router logits sit far from the
+  threshold (a fresh router's logits are ~1e-2) and the loss-free bias non-zero."""
+  with nnx.use_eager_sharding(False):
+    model = LanguageModel(model_config(*CORES[name]).model, rngs=nnx.Rngs(0))
+  core = model.core
+  if isinstance(core, mor.MoR):
+    for router in (core.router, core.aux_router):
+      if router is not None:
+        router.w1[...] = 40 * router.w1[...]
+    if core.bias is not None:
+      core.bias[...] = jnp.asarray([0.0, 0.05, -0.05])
+  return model
+
+
+@nnx.jit
+def full_forward(model: LanguageModel, tokens_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """model(tokens) logits and, for MoR, the routes' depth per token (zeros otherwise)."""
+  logits_BTV, _ = model(tokens_BT)
+  if not isinstance(model.core, mor.MoR):
+    return logits_BTV, jnp.zeros(tokens_BT.shape, jnp.int32)
+  _, _, routes = model.core.forward(*model.core_inputs(tokens_BT))
+  return logits_BTV, routes.depth
+
+
+def tokens(seed: int = 1) -> jax.Array:
+  return jax.random.randint(jax.random.key(seed), (2, T), 0, 64)
+
+
+@functools.cache
+def decoded(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """(full-forward logits, decoded logits, forward depth, decoded depth) on `tokens()`."""
+  model, tokens_BT = build(name), tokens()
+  want, want_depth = full_forward(model, tokens_BT)
+  logits, cache = decode.prefill(model, tokens_BT[:, :PROMPT], decode.init_cache(model, 2, MAX_LEN))
+  got = [logits]
+  for i in range(PROMPT, T):
+    logits_BV, cache = decode.decode_step(model, tokens_BT[:, i], cache)
+    got.append(logits_BV[:, None])
+  assert int(cache.length) == T
+  return (np.asarray(want), np.asarray(jnp.concatenate(got, axis=1)), np.asarray(want_depth),
+          np.asarray(decode.depth(cache)))
+
+
+@pytest.mark.parametrize("name", list(CORES))
+def test_prefill_then_decode_equals_the_full_forward(name):
+  want, got, want_depth, got_depth = decoded(name)
+  np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-5)
+  if isinstance(build(name).core, mor.MoR):
+    np.testing.assert_array_equal(got_depth[:, :T], want_depth)
+    assert (got_depth[:, T:] == 0).all()  # spare slots never written
+    nr = build(name).core.plan.num_recursions
+    assert len(np.unique(want_depth)) >= 2 and want_depth.max() <= nr  # tokens really exit
+
+
+def test_expert_threshold_rule_exits_tokens_at_every_step():
+  """The causal rule really routes: with c_1 < 1 some tokens skip even step 1 (depth 0), and
+  some run every step."""
+  _, _, depth, _ = decoded("expert_cache")
+  assert (depth == 0).any() and (depth == 3).any()
+
+
+def test_decode_steps_depend_on_their_prefix_only():
+  """Logits of a decoded token equal those of a fresh prefill of the same prefix: the cache
+  holds nothing but the earlier tokens (expert choice, recursion-wise caches)."""
+  model, tokens_BT = build("expert_cache"), tokens()
+  want, _, _, _ = decoded("expert_cache")
+  other = tokens_BT.at[:, PROMPT:].set(tokens(2)[:, PROMPT:])  # another future
+  logits, _ = decode.prefill(model, other[:, :PROMPT], decode.init_cache(model, 2, MAX_LEN))
+  np.testing.assert_allclose(logits, want[:, :PROMPT], atol=5e-5, rtol=1e-5)
+
+
+def test_greedy_generate_is_deterministic_and_equals_argmax_decoding():
+  model, prompt = build("expert_cache"), tokens()[:, :PROMPT]
+  out = np.asarray(decode.generate(model, prompt, 4))
+  assert out.shape == (2, 4)
+  np.testing.assert_array_equal(np.asarray(decode.generate(model, prompt, 4)), out)
+  logits, cache = decode.prefill(model, prompt, decode.init_cache(model, 2, PROMPT + 4))
+  token = jnp.argmax(logits[:, -1], axis=-1)
+  for i in range(3):
+    np.testing.assert_array_equal(token, out[:, i])
+    logits_BV, cache = decode.decode_step(model, token, cache)
+    token = jnp.argmax(logits_BV, axis=-1)
+  np.testing.assert_array_equal(token, out[:, 3])
+
+
+def test_sampling_needs_a_key_and_repeats_with_the_same_key():
+  model, prompt = build("vanilla"), tokens()[:, :PROMPT]
+  with pytest.raises(ValueError, match=r"explicit jax\.random key"):
+    decode.generate(model, prompt, 4, temperature=1.0)
+  sample = lambda seed: np.asarray(decode.generate(model, prompt, 4, temperature=5.0,
+                                                   key=jax.random.key(seed)))
+  np.testing.assert_array_equal(sample(0), sample(0))
+  assert not np.array_equal(sample(0), sample(1))  # near-uniform at temperature 5
+
+
+def test_bad_inputs_raise_errors_naming_the_key():
+  model = build("vanilla")
+  with pytest.raises(ValueError, match="max_len=4"):
+    decode.prefill(model, tokens()[:, :5], decode.init_cache(model, 2, 4))
+  with pytest.raises(ValueError, match="max_len=6"):
+    decode.generate(model, tokens()[:, :5], 2, max_len=6)
+  for mor_overrides, match in [
+      (dict(THRESHOLD, kv="share_update"), r"config\.model\.mor\.kv='share_update'"),
+      ({"kind": "token", "token.capacity_factor": 1.0},
+       r"config\.model\.mor\.token\.capacity_factor=1\.0"),
+  ]:
+    cfg = model_config(5, MC3, mor_overrides)
+    with nnx.use_eager_sharding(False):
+      bad = nnx.eval_shape(lambda cfg=cfg: LanguageModel(cfg.model, rngs=nnx.Rngs(0)))
+    with pytest.raises(config_lib.ConfigError, match=match):
+      decode.init_cache(bad, 1, 8)
+
+
+def test_generate_config_errors_name_the_key():
+  for key, value in [("num_tokens", 0), ("temperature", -1.0), ("prompt", ""),
+                     ("num_samples", 0)]:
+    cfg = tiny_config()
+    cfg.generate[key] = value
+    with pytest.raises(config_lib.ConfigError, match=rf"config\.generate\.{key}="):
+      config_lib.validate(cfg)
+
+
+@pytest.fixture(scope="module")
+def mor_run(tmp_path_factory) -> tuple[launch_util.Launcher, str]:
+  """A 4-step expert-choice MoR run (top-k trained; decoding routes by threshold)."""
+  path = tmp_path_factory.mktemp("generate")
+  launcher = launch_util.Launcher(path / "shared", config="configs/mor.py:tiny")
+  workdir = os.fspath(path / "run")
+  result = launcher.run(workdir, {"model.num_layers": 5, "train.steps": 4})
+  assert result.returncode == 0, result.stderr
+  return launcher, workdir
+
+
+def test_launch_generate_prints_the_checkpoints_greedy_continuation(mor_run):
+  launcher, workdir = mor_run
+  result = launcher.run(workdir, {"mode": "generate", "model.num_layers": 5,
+                                  "generate.prompt": "KING", "generate.num_tokens": 6,
+                                  "generate.num_samples": 2})
+  assert result.returncode == 0, result.stderr
+  header, first, second = result.stdout.strip().split("\n")[-3:]
+  loaded = routing.load_run(workdir)
+  tok = loaded.run.tokenizer
+  ids = tok.encode("KING", add_special_tokens=False).ids
+  assert header == f"step 4: 6 tokens after a {len(ids)}-token prompt, greedy"
+  out_N = np.asarray(decode.generate(loaded.model, jnp.asarray([ids]), 6))[0]
+  text = generate.continuation(tok, out_N.tolist())
+  assert (first, second) == (f"[0] KING{text}", f"[1] KING{text}")
