@@ -133,17 +133,16 @@ class Pass:
     """Records which new tokens run MoR step `step` (before its attention reads ran[step])."""
     self.ran[step] = self.write(self.ran[step], ran_BT)
 
-  def cache(self, t: int) -> Cache:
-    """The cache after the pass over t new tokens."""
+  def cache(self) -> Cache:
+    """The cache after the pass."""
     ran = jnp.stack(self.ran) if self.ran else self.no_steps
-    return Cache(tuple(self.k), tuple(self.v), ran, self.start + t)
+    return Cache(tuple(self.k), tuple(self.v), ran, self.start + self.pos_BT.shape[1])
 
 
 def extend(model: LanguageModel, tokens_BT: Array, cache: Cache) -> tuple[Array, Cache]:
   """Float32 logits [B, T, V] of T new tokens at positions length..length+T-1, and the cache
   holding them. Prefill and decode_step are this pass at T = prompt length and T = 1."""
-  t = tokens_BT.shape[1]
-  p = Pass(cache, t)
+  p = Pass(cache, tokens_BT.shape[1])
   tok = p.tokens()
   x_BTD = constrain_activations(model.embed(tokens_BT))
   for block in model.prelude.blocks:
@@ -151,7 +150,7 @@ def extend(model: LanguageModel, tokens_BT: Array, cache: Cache) -> tuple[Array,
   x_BTD = core_pass(model.core, x_BTD, tok, p)
   for block in model.coda.blocks:
     x_BTD = block(x_BTD, tok, attend=p.attend())
-  return model.logits(x_BTD), p.cache(t)
+  return model.logits(x_BTD), p.cache()
 
 
 def core_pass(core: nnx.Module, x_BTD: Array, tok: Tokens, p: Pass) -> Array:
