@@ -15,6 +15,7 @@ from flax import nnx
 
 from research import config as config_lib
 from research import routing
+from research.infer import decode
 from research.model import moe, recursion
 from research.model.layers import Block, Tokens
 from research.model.lm import LanguageModel
@@ -283,6 +284,23 @@ def test_num_experts_zero_is_the_dense_model():
   (la, aux_a), (lb, _) = a(tokens), b(tokens)
   np.testing.assert_array_equal(la, lb)
   assert aux_a == {}
+
+
+def test_dropless_moe_decodes_like_the_full_forward():
+  """Prefill then one-token decode steps (research/infer) of a tied core with MoE layers."""
+  cfg = tiny_config(vocab_size=64, num_layers=4, recursion=dict(strategy="cycle",
+                                                                 num_recursions=2),
+                    moe=dict(num_experts=E, top_k=2, d_ff=F, num_shared_experts=1))
+  with nnx.use_eager_sharding(False):
+    model = LanguageModel(cfg.model, rngs=nnx.Rngs(0))
+  tokens_BT = jax.random.randint(jax.random.key(1), (2, 12), 0, 64)
+  want, _ = nnx.jit(lambda m, t: m(t))(model, tokens_BT)
+  logits, cache = decode.prefill(model, tokens_BT[:, :5], decode.init_cache(model, 2, 12))
+  got = [logits]
+  for i in range(5, 12):
+    logits_BV, cache = decode.decode_step(model, tokens_BT[:, i], cache)
+    got.append(logits_BV[:, None])
+  np.testing.assert_allclose(jnp.concatenate(got, axis=1), want, atol=5e-5, rtol=1e-5)
 
 
 def test_flops_count_active_experts_by_hand():
