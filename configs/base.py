@@ -78,6 +78,21 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.mor.token.bal_warmup_steps = 0  # optimizer steps with every token at depth Nr, bias 0
   c.model.mor.token.capacity_factor = 0.0  # >0: slots per step f*T*(Nr-r+1)/Nr, overflow exits
 
+  # Routed Mixture-of-Experts in the FFN slot (docs/moe.md): token choice over E SwiGLU experts.
+  c.model.moe = mlc.ConfigDict()
+  c.model.moe.num_experts = 0  # routed experts E (0: the dense SwiGLU FFN in every layer)
+  c.model.moe.top_k = 2  # experts per token k, 1 <= k <= E
+  c.model.moe.d_ff = -1  # hidden size of one expert (-1: model.d_ff)
+  c.model.moe.num_shared_experts = 0  # always-on experts (DeepSeekMoE), one SwiGLU of n * d_ff
+  c.model.moe.score = "softmax"  # router scores: softmax (Switch, Mixtral) | sigmoid (DeepSeek-V3)
+  c.model.moe.renormalize = True  # divide the top-k weights by their sum (Mixtral, DeepSeek-V3)
+  c.model.moe.capacity_factor = 0.0  # 0: dropless; f > 0: ceil(T k / E) f slots/expert/row, drop
+  c.model.moe.balance_coeff = 0.01  # Switch load-balancing loss E sum_e f_e P_e (1 when balanced)
+  c.model.moe.z_coeff = 0.0  # router z-loss mean(logsumexp(logits)^2) weight (ST-MoE: 1e-3)
+  c.model.moe.first_dense = 0  # the first layers keep the dense FFN (DeepSeek first_k_dense)
+  c.model.moe.every = 1  # routed FFN where (layer + 1) % every == 0 (1: every layer)
+  c.model.moe.impl = "ragged"  # ragged (sort + lax.ragged_dot) | dense (all experts, reference)
+
   c.data = mlc.ConfigDict()
   c.data.source = "embedded"  # embedded | jsonl | parquet | arrayrecord
   c.data.train_files = ""  # glob of training files for jsonl/parquet/arrayrecord

@@ -10,7 +10,7 @@ import os
 
 import ml_collections as mlc
 
-from research.model import recursion
+from research.model import moe, recursion
 
 DTYPES = ("auto", "float32", "bfloat16")
 RECURSIVE_INITS = ("stepwise", "average", "lower", "random")  # RRT §2.2 (docs/rrt.md)
@@ -89,6 +89,7 @@ def validate_model(cfg: mlc.ConfigDict) -> None:
     _check(os.path.exists(m.init_from), "model.init_from", m.init_from,
            "no such file or directory (an HF Llama directory or a .gguf file)")
   validate_mor(cfg)
+  validate_moe(cfg)
   _one_of(cfg, "model.compute_dtype", DTYPES)
   _one_of(cfg, "model.param_dtype", ("float32", "bfloat16"))
   _one_of(cfg, "model.remat", ("none", "block"))
@@ -144,6 +145,37 @@ def validate_mor(cfg: mlc.ConfigDict) -> None:
     if mor.kv == "share":
       _check(tc.capacity_factor == 0 or tc.capacity_factor >= 1, "model.mor.token.capacity_factor",
              tc.capacity_factor, "KV sharing needs every token at step 1 (0 or >= 1)")
+
+
+def validate_moe(cfg: mlc.ConfigDict) -> None:
+  """Routed Mixture-of-Experts (docs/moe.md)."""
+  m, c = cfg.model, cfg.model.moe
+  _check(c.num_experts >= 0, "model.moe.num_experts", c.num_experts, "must be >= 0 (0: dense)")
+  if c.num_experts == 0:
+    return
+  _check(1 <= c.top_k <= c.num_experts, "model.moe.top_k", c.top_k,
+         f"must lie in [1, config.model.moe.num_experts={c.num_experts}]")
+  _check(c.d_ff == -1 or c.d_ff > 0, "model.moe.d_ff", c.d_ff, "must be > 0, or -1 (model.d_ff)")
+  _one_of(cfg, "model.moe.score", ("softmax", "sigmoid"))
+  _one_of(cfg, "model.moe.impl", ("ragged", "dense"))
+  for key in ("num_shared_experts", "capacity_factor", "balance_coeff", "z_coeff",
+              "first_dense"):
+    _check(c[key] >= 0, f"model.moe.{key}", c[key], "must be >= 0")
+  _positive(cfg, "model.moe.every")
+  _check(m.mor.kind == "none", "model.moe.num_experts", c.num_experts,
+         "MoE layers in a MoR model are not supported yet (config.model.mor.kind must be 'none')")
+  plan = recursion.make_plan(m.recursion.strategy, m.num_layers, m.recursion.num_recursions)
+  unique = plan.prelude + plan.num_shared + plan.coda
+  routed = [layer for layer in range(unique) if moe.is_moe_layer(m, layer)]
+  _check(bool(routed), "model.moe.first_dense", c.first_dense,
+         f"with config.model.moe.every={c.every} no layer of the {unique} unique layers is MoE")
+  if any(plan.prelude <= layer < plan.prelude + plan.num_shared for layer in routed):
+    r = m.recursion
+    ffn_rank = r.lora_rank if r.lora_rank_ffn == -1 else r.lora_rank_ffn
+    _check(m.recursion.strategy == "none" or ffn_rank == 0, "model.recursion.lora_rank_ffn",
+           r.lora_rank_ffn, "a shared MoE layer has no dense FFN to relax: set it to 0")
+    _check(not r.lora_merged, "model.recursion.lora_merged", True,
+           "merged per-loop LoRAs with a shared MoE layer are not supported yet")
 
 
 def validate_data(cfg: mlc.ConfigDict) -> None:
@@ -242,6 +274,9 @@ def validate_against_devices(cfg: mlc.ConfigDict, mesh_shape: tuple[int, int, in
   for key in ("num_heads", "num_kv_heads", "d_ff"):
     _check(m[key] % tensor == 0, f"model.{key}", m[key],
            f"must divide by config.mesh.tensor={tensor}")
+  if m.moe.num_experts:
+    _check(moe.expert_d_ff(m) % tensor == 0, "model.moe.d_ff", m.moe.d_ff,
+           f"the expert width must divide by config.mesh.tensor={tensor}")
   _check(m.d_model % fsdp == 0, "model.d_model", m.d_model,
          f"must divide by config.mesh.fsdp={fsdp}")
 

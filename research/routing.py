@@ -1,5 +1,7 @@
 """Pure routing functions of Mixture-of-Recursions (shared/specs/mor.md §2): capacities, top-k over
-the tokens of a row, gather/scatter of rows, gates, auxiliary losses and the loss-free bias.
+the tokens of a row, gather/scatter of rows, gates, auxiliary losses and the loss-free bias; and of
+token-choice Mixture-of-Experts (docs/moe.md): expert scores, top-k experts per token, per-row
+expert capacity, sort by expert / unsort with a gather-only backward, group sizes.
 
 Routing runs per packed row and never across rows. Capacities are measured against the row length
 T as in the paper (§2.2: k_r = max(1, floor(c_r T))), so k_r is static. Padding (segment 0) never
@@ -161,13 +163,24 @@ def histogram(values: Array, mask: Array, bins: int) -> Array:
 
 
 def load(choice_BT: Array, valid_BT: Array, n: int) -> Array:
-  """Fraction of the valid tokens that picked each of the n depths."""
-  onehot = jax.nn.one_hot(choice_BT, n) * valid_BT[..., None]
+  """Fraction of the valid tokens' choices that picked each of the n options (depths, experts).
+
+  choice_BT may carry a trailing top-k axis [B, T, K]: each token then splits its unit over its k
+  choices (the fraction of assignments).
+  """
+  onehot = jax.nn.one_hot(choice_BT, n)
+  if choice_BT.ndim == 3:
+    onehot = jnp.mean(onehot, axis=2)
+  onehot = onehot * valid_BT[..., None]
   return jnp.sum(onehot, axis=(0, 1)) / jnp.maximum(jnp.sum(valid_BT), 1)
 
 
 def balancing_loss(probs_BTN: Array, choice_BT: Array, valid_BT: Array) -> Array:
-  """sum_i f_i P_i with f_i = Nr * load_i and P_i = mean p_i (§2.4 step 5); 1 when balanced."""
+  """sum_i f_i P_i with f_i = Nr * load_i and P_i = mean p_i (§2.4 step 5); 1 when balanced.
+
+  The same is the Switch / GShard MoE loss E sum_e f_e P_e (Fedus et al. 2021 Eq. 4) with a top-k
+  choice_BTK (f_e: fraction of the assignments, `load`); probs must sum to 1 over the options.
+  """
   n = probs_BTN.shape[-1]
   p_N = jnp.sum(probs_BTN * valid_BT[..., None], axis=(0, 1)) / jnp.maximum(jnp.sum(valid_BT), 1)
   return jnp.sum(n * load(choice_BT, valid_BT, n) * p_N)
@@ -189,3 +202,66 @@ def mean_prob_entropy(probs_BTN: Array, valid_BT: Array) -> Array:
   p = jnp.sum(probs_BTN * valid_BT[..., None], axis=(0, 1))
   p = p / jnp.maximum(jnp.sum(p), 1e-9)
   return -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-9)))
+
+
+def expert_scores(logits_BTE: Array, func: str) -> Array:
+  """Router scores in float32: softmax over the experts (Switch, Mixtral) or a sigmoid per expert
+  (DeepSeek-V3)."""
+  logits_BTE = logits_BTE.astype(jnp.float32)
+  return jax.nn.softmax(logits_BTE, axis=-1) if func == "softmax" else jax.nn.sigmoid(logits_BTE)
+
+
+def top_experts(scores_BTE: Array, k: int, renormalize: bool) -> tuple[Array, Array]:
+  """(weights_BTK, experts_BTK): each token's k best experts in descending score (ties to the lower
+  index, lax.top_k) and their scores, divided by their sum when `renormalize` (Mixtral)."""
+  w_BTK, e_BTK = jax.lax.top_k(scores_BTE, k)
+  if renormalize:
+    w_BTK = w_BTK / jnp.sum(w_BTK, axis=-1, keepdims=True)
+  return w_BTK, e_BTK
+
+
+def expert_capacity(seq_len: int, k: int, num_experts: int, factor: float) -> int:
+  """Slots per expert and row, MaxText's C = max(ceil(T k / E) factor, factor) (at least 1)."""
+  return max(1, int(max(math.ceil(seq_len * k / num_experts) * factor, factor)))
+
+
+def within_capacity(experts_BTK: Array, valid_BT: Array, num_experts: int, capacity: int) -> Array:
+  """keep_BTK: the assignment is among the first `capacity` of its expert in its row, counted in
+  token order and, within a token, in top-k order (MaxText generate_masks). Padding (valid False)
+  takes no slot and is never kept."""
+  b, t, k = experts_BTK.shape
+  onehot_BME = jax.nn.one_hot(experts_BTK.reshape(b, t * k), num_experts, dtype=jnp.int32)
+  onehot_BME *= jnp.repeat(valid_BT, k, axis=1)[..., None].astype(jnp.int32)
+  position_BM = jnp.sum(jnp.cumsum(onehot_BME, axis=1) * onehot_BME, axis=-1)  # 1-based, 0: pad
+  return ((position_BM >= 1) & (position_BM <= capacity)).reshape(b, t, k)
+
+
+def sort_by_expert(experts_M: Array, keep_M: Array, num_experts: int) -> tuple[Array, Array]:
+  """(perm_M, sizes_E): the stable order that groups assignments by expert with the dropped ones
+  last, and the kept assignments per expert (rows past sum(sizes) belong to no group)."""
+  key_M = jnp.where(keep_M, experts_M, num_experts)
+  perm_M = jnp.argsort(key_M, stable=True)
+  return perm_M, jnp.bincount(key_M, length=num_experts).astype(jnp.int32)
+
+
+def inverse_permutation(perm_M: Array) -> Array:
+  """inv with inv[perm[i]] = i."""
+  return jnp.zeros_like(perm_M).at[perm_M].set(jnp.arange(perm_M.shape[0], dtype=perm_M.dtype))
+
+
+@jax.custom_vjp
+def permute_rows(x_MD: Array, perm_M: Array) -> Array:
+  """x[perm] for a permutation perm; the backward is the inverse-permutation gather instead of the
+  scatter-add that a take's transpose would be (MaxText _sort_activations)."""
+  return x_MD[perm_M]
+
+
+def _permute_fwd(x_MD: Array, perm_M: Array) -> tuple[Array, Array]:
+  return x_MD[perm_M], perm_M
+
+
+def _permute_bwd(perm_M: Array, g_MD: Array) -> tuple[Array, None]:
+  return g_MD[inverse_permutation(perm_M)], None
+
+
+permute_rows.defvjp(_permute_fwd, _permute_bwd)

@@ -263,20 +263,36 @@ class SwiGLU(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm decoder layer: h += attn(norm(h)); h += ffn(norm(h))."""
+  """Pre-norm decoder layer: h += attn(norm(h)); h += ffn(norm(h)).
 
-  def __init__(self, cfg: mlc.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
+  The FFN slot holds the dense SwiGLU (default) or a routed FFN passed as `ffn` (moe.MoE), called
+  as ffn(x, valid_BT) -> (y, aux) with valid_BT False at padding.
+  """
+
+  def __init__(self, cfg: mlc.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs,
+               ffn: nnx.Module | None = None):
     norm = dict(eps=cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
     self.attn_norm = RMSNorm(cfg.d_model, **norm)
     self.attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.ffn_norm = RMSNorm(cfg.d_model, **norm)
-    self.ffn = SwiGLU(cfg.d_model, cfg.d_ff, std=cfg.init_std, dtype=dtype,
-                      param_dtype=param_dtype, rngs=rngs)
+    self.ffn = ffn or SwiGLU(cfg.d_model, cfg.d_ff, std=cfg.init_std, dtype=dtype,
+                             param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x_BTD: Array, tok: Tokens, lora: LoRA | None = None,
                norms: tuple[Array, Array] | None = None, attend: Attend | None = None) -> Array:
-    """`lora`: this depth's LoRA pairs; `norms`: this depth's (attn, ffn) norm scales; `attend`:
-    replaces the self-attention (Attention.__call__)."""
+    """The block's output without its aux (`forward`)."""
+    return self.forward(x_BTD, tok, lora, norms, attend)[0]
+
+  def forward(self, x_BTD: Array, tok: Tokens, lora: LoRA | None = None,
+              norms: tuple[Array, Array] | None = None, attend: Attend | None = None
+              ) -> tuple[Array, dict]:
+    """(output, aux of a routed FFN or {}). `lora`: this depth's LoRA pairs; `norms`: this depth's
+    (attn, ffn) norm scales; `attend`: replaces the self-attention (Attention.__call__)."""
     attn_scale, ffn_scale = (None, None) if norms is None else norms
     x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD, attn_scale), tok, lora, attend)
-    return constrain_activations(x_BTD + self.ffn(self.ffn_norm(x_BTD, ffn_scale), lora))
+    h_BTD = self.ffn_norm(x_BTD, ffn_scale)
+    if isinstance(self.ffn, SwiGLU):
+      y_BTD, aux = self.ffn(h_BTD, lora), {}
+    else:
+      y_BTD, aux = self.ffn(h_BTD, tok.segments != 0)
+    return constrain_activations(x_BTD + y_BTD), aux

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 from flax import nnx
 
-from research.model import mor, recursion
+from research.model import moe, mor, recursion
 from research.model.layers import (
     Block,
     Embed,
@@ -38,16 +38,19 @@ class Stack(nnx.Module):
     self.remat = remat
 
   def __call__(self, x_BTD: Array, tok: Tokens) -> tuple[Array, dict]:
+    """(output, the blocks' aux summed by moe.add_aux)."""
+    auxes = []
     for block in self.blocks:
-      x_BTD = apply_block(block, x_BTD, tok, remat=self.remat)
-    return x_BTD, {}
+      x_BTD, aux = apply_block(block, x_BTD, tok, remat=self.remat)
+      auxes.append(aux)
+    return x_BTD, moe.add_aux(auxes)
 
 
-def apply_block(block: nnx.Module, x_BTD: Array, tok: Tokens, *, remat: bool) -> Array:
-  """Calls block(x, tok), rematerialised in the backward pass when `remat`."""
+def apply_block(block: Block, x_BTD: Array, tok: Tokens, *, remat: bool) -> tuple[Array, dict]:
+  """block.forward(x, tok), rematerialised in the backward pass when `remat`."""
   if remat:
-    return nnx.remat(lambda blk, x, t: blk(x, t))(block, x_BTD, tok)
-  return block(x_BTD, tok)
+    return nnx.remat(lambda blk, x, t: blk.forward(x, t))(block, x_BTD, tok)
+  return block.forward(x_BTD, tok)
 
 
 class LanguageModel(nnx.Module):
@@ -61,19 +64,22 @@ class LanguageModel(nnx.Module):
                                cfg.recursion.num_recursions)
     remat = cfg.remat == "block"
 
-    def blocks(n: int) -> list[Block]:
-      return [Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(n)]
+    def blocks(first: int, n: int) -> list[Block]:
+      """Unique layers first..first+n-1, routed where moe.is_moe_layer says so."""
+      kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+      return [Block(cfg, **kw, ffn=moe.MoE(cfg, **kw) if moe.is_moe_layer(cfg, i) else None)
+              for i in range(first, first + n)]
 
-    self.prelude = Stack(blocks(plan.prelude), remat=remat)
+    self.prelude = Stack(blocks(0, plan.prelude), remat=remat)
+    shared = blocks(plan.prelude, plan.num_shared)
     if cfg.recursion.strategy == "none":
-      self.core = Stack(blocks(cfg.num_layers), remat=remat)
+      self.core = Stack(shared, remat=remat)
     elif cfg.mor.kind != "none":
-      self.core = mor.MoR(plan, blocks(plan.num_shared), cfg, remat=remat,
-                          param_dtype=param_dtype, rngs=rngs)
+      self.core = mor.MoR(plan, shared, cfg, remat=remat, param_dtype=param_dtype, rngs=rngs)
     else:
-      self.core = recursion.Recursion(plan, blocks(plan.num_shared), cfg, remat=remat,
-                                      param_dtype=param_dtype, rngs=rngs)
-    self.coda = Stack(blocks(plan.coda), remat=remat)
+      self.core = recursion.Recursion(plan, shared, cfg, remat=remat, param_dtype=param_dtype,
+                                      rngs=rngs)
+    self.coda = Stack(blocks(plan.prelude + plan.num_shared, plan.coda), remat=remat)
     self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
     if cfg.tie_embeddings:
       self.head = None
@@ -87,31 +93,41 @@ class LanguageModel(nnx.Module):
                ) -> tuple[Array | list[Array], dict]:
     """Float32 logits [B, T, V] and the aux dict. With `exits` (a recursive core), a list of
     logits, one per loop: the final norm and LM head on the hidden state after each loop (RRT
-    §2.4 early exits; the coda runs only on the last), the last entry being the usual output."""
-    x_BTD, tok = self.core_inputs(tokens_BT, positions_BT, segments_BT)
+    §2.4 early exits; the coda runs only on the last), the last entry being the usual output.
+    The aux of the prelude, core and coda are merged by one rule (moe.add_aux, then
+    moe.mean_over_layers: MoE entries are means over the MoE layers)."""
+    x_BTD, tok, pre_aux = self.inputs(tokens_BT, positions_BT, segments_BT)
     if exits:
       if not isinstance(self.core, recursion.Recursion):
         raise ValueError("early exits need a recursive core (config.model.recursion.strategy "
                          "cycle | middle_cycle, config.model.mor.kind='none')")
-      loops = self.core.loop_outputs(x_BTD, tok)
-      x_BTD, _ = self.coda(loops[-1], tok)
-      return [self.logits(h_BTD) for h_BTD in loops[:-1]] + [self.logits(x_BTD)], {}
-    x_BTD, aux = self.core(x_BTD, tok)
-    x_BTD, _ = self.coda(x_BTD, tok)
-    return self.logits(x_BTD), aux
+      loops, aux = self.core.loop_outputs(x_BTD, tok)
+      x_BTD, coda_aux = self.coda(loops[-1], tok)
+      logits = [self.logits(h_BTD) for h_BTD in loops[:-1]] + [self.logits(x_BTD)]
+    else:
+      x_BTD, aux = self.core(x_BTD, tok)
+      x_BTD, coda_aux = self.coda(x_BTD, tok)
+      logits = self.logits(x_BTD)
+    return logits, moe.mean_over_layers(moe.add_aux([pre_aux, aux, coda_aux]))
 
   def core_inputs(self, tokens_BT: Array, positions_BT: Array | None = None,
                   segments_BT: Array | None = None) -> tuple[Array, Tokens]:
-    """The hidden states entering the core (embedding, then the prelude layers) and the tokens'
-    metadata (positions default to 0..T-1, segments to one document per row)."""
+    """The hidden states entering the core and the tokens' metadata (`inputs` without aux)."""
+    return self.inputs(tokens_BT, positions_BT, segments_BT)[:2]
+
+  def inputs(self, tokens_BT: Array, positions_BT: Array | None = None,
+             segments_BT: Array | None = None) -> tuple[Array, Tokens, dict]:
+    """The hidden states entering the core (embedding, then the prelude layers), the tokens'
+    metadata (positions default to 0..T-1, segments to one document per row) and the prelude's
+    aux."""
     b, t = tokens_BT.shape
     indices_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     tok = Tokens(positions=indices_BT if positions_BT is None else positions_BT,
                  segments=jnp.ones_like(tokens_BT) if segments_BT is None else segments_BT,
                  indices=indices_BT)
     x_BTD = constrain_activations(self.embed(tokens_BT))
-    x_BTD, _ = self.prelude(x_BTD, tok)
-    return x_BTD, tok
+    x_BTD, aux = self.prelude(x_BTD, tok)
+    return x_BTD, tok, aux
 
   def logits(self, x_BTD: Array) -> Array:
     """The exit head: final norm then the (tied or untied) LM head, float32 [B, T, V]."""

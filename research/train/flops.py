@@ -3,8 +3,10 @@
 `train_flops_per_token`: our exact count for MFU. Every matmul (q, k, v with GQA widths, o,
 SwiGLU, LM head, MoR routers) at 2 FLOPs per MAC, causal attention at its useful half (QK^T and AV
 over T/2 keys on average), forward + backward = 3 x forward. Embedding lookups, norms and softmax
-are free. A MoR core counts what its implementation really computes: the gathered tokens of each
-step (k_r for expert choice, the slots for token choice), or the full length for impl="masked".
+are free. A routed (MoE) FFN counts its router and the experts it runs: top k + shared (all E
+for impl="dense"; dropped assignments still count, an upper bound with capacity). A MoR core
+counts what its implementation really computes: the gathered tokens of each step (k_r for expert
+choice, the slots for token choice), or the full length for impl="masked".
 
 `paper_flops_per_token`: the MoR paper's App. D convention (shared/specs/mor.md §4.3), forward
 only: K/V projections counted as d x d (GQA ignored), attention 2*d*T per layer, no embedding or
@@ -16,14 +18,35 @@ balance. It reproduces the released step counts and sets isoFLOP budgets.
 import ml_collections as mlc
 
 from research import routing
-from research.model import mor, recursion, routers
+from research.model import moe, mor, recursion, routers
 
 
-def layer_matmul_flops(m: mlc.ConfigDict) -> float:
-  """Forward FLOPs per token of one block's projections."""
+def ffn_flops(m: mlc.ConfigDict, routed: bool, *, active: bool = False) -> float:
+  """Forward FLOPs per token of a block's FFN: the dense SwiGLU 3 d F, or a routed FFN's router
+  d E plus 3 d F_e per expert run: its top k (all E for impl="dense", unless `active`) and the
+  shared experts."""
+  d = m.d_model
+  if not routed:
+    return 2.0 * 3 * d * m.d_ff
+  c = m.moe
+  run = c.top_k if active or c.impl != "dense" else c.num_experts
+  return 2.0 * (d * c.num_experts + 3 * d * moe.expert_d_ff(m) * (run + c.num_shared_experts))
+
+
+def routed_depths(m: mlc.ConfigDict) -> tuple[bool, ...]:
+  """For each unrolled depth, whether its block has the routed FFN (moe.is_moe_layer of the unique
+  layer it runs)."""
+  plan = recursion.make_plan(m.recursion.strategy, m.num_layers, m.recursion.num_recursions)
+  layers = (*range(plan.prelude), *(plan.prelude + j for j in plan.order),
+            *range(plan.prelude + plan.num_shared, plan.prelude + plan.num_shared + plan.coda))
+  return tuple(moe.is_moe_layer(m, layer) for layer in layers)
+
+
+def layer_matmul_flops(m: mlc.ConfigDict, routed: bool = False) -> float:
+  """Forward FLOPs per token of one block's projections (`routed`: with a routed FFN)."""
   d, dh = m.d_model, m.head_dim
   attn = d * m.num_heads * dh * 2 + d * m.num_kv_heads * dh * 2
-  return 2.0 * (attn + 3 * d * m.d_ff)
+  return 2.0 * attn + ffn_flops(m, routed)
 
 
 def layer_attention_flops(m: mlc.ConfigDict, seq_len: int) -> float:
@@ -70,7 +93,8 @@ def forward_flops_per_token(m: mlc.ConfigDict, seq_len: int) -> float:
   per_layer = layer_matmul_flops(m) + layer_attention_flops(m, seq_len)
   head = 2.0 * m.d_model * m.vocab_size
   if m.mor.kind == "none":
-    return m.num_layers * per_layer + head
+    return head + sum(layer_matmul_flops(m, routed) + layer_attention_flops(m, seq_len)
+                      for routed in routed_depths(m))
   plan = recursion.make_plan(m.recursion.strategy, m.num_layers, m.recursion.num_recursions)
   kv_proj = 2.0 * 2 * m.d_model * m.num_kv_heads * m.head_dim
   total = (plan.prelude + plan.coda) * per_layer + head + router_flops(m, seq_len)
@@ -89,12 +113,14 @@ def train_flops_per_token(m: mlc.ConfigDict, seq_len: int) -> float:
 
 
 def paper_flops_per_token(m: mlc.ConfigDict, seq_len: int) -> float:
-  """MoR App. D: L * (2 (4 d^2 + 3 d d_ff) + 2 d T), forward only; MoR steps as in §4.3."""
+  """MoR App. D: L * (2 (4 d^2 + 3 d d_ff) + 2 d T), forward only; MoR steps as in §4.3. A routed
+  FFN counts its active experts (ffn_flops with active=True) in place of 3 d d_ff."""
   d = m.d_model
   linear = 2.0 * (4 * d * d + 3 * d * m.d_ff)
   attn = 2.0 * d * seq_len
   if m.mor.kind == "none":
-    return m.num_layers * (linear + attn)
+    return sum(2.0 * 4 * d * d + ffn_flops(m, routed, active=True) + attn
+               for routed in routed_depths(m))
   plan = recursion.make_plan(m.recursion.strategy, m.num_layers, m.recursion.num_recursions)
   no_kv = 2.0 * (2 * d * d + 3 * d * m.d_ff)
   total = (plan.prelude + plan.coda) * (linear + attn)

@@ -1,7 +1,8 @@
 """Device mesh, logical sharding rules and multi-process start-up.
 
 Mesh axes: `data` (batch), `fsdp` (batch and parameter/optimizer-state shards), `tensor` (heads,
-MLP width, vocabulary). Weights carry logical names (layers.py); LOGICAL_RULES maps them here.
+MLP width, vocabulary); the MoE `expert` axis of stacked expert weights is replicated (no expert
+parallelism yet). Weights carry logical names (layers.py); LOGICAL_RULES maps them here.
 """
 
 import math
@@ -24,6 +25,7 @@ LOGICAL_RULES = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
+    ("expert", None),  # MoE experts: replicated; expert parallelism is not done yet
     ("norm", None),
 )
 

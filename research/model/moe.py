@@ -1,0 +1,182 @@
+"""Routed Mixture-of-Experts as the FFN slot of a Block (docs/moe.md).
+
+Token choice over E SwiGLU experts (Shazeer et al. 2017; Switch, Fedus et al. 2021; Mixtral;
+DeepSeekMoE), one execution path select -> gather -> compute -> scatter-add with gate:
+
+  s = score(x W_r)                     router logits in float32, softmax | sigmoid (routing.py)
+  (w, e) = top-k of s                  renormalised to sum 1 if asked (Mixtral, DeepSeek-V3)
+  y = sum_{i<k} w_i E_{e_i}(x) + sum_j S_j(x)     E_n(x) = down_n(silu(gate_n x) * up_n x),
+                                                  S_j: always-on shared experts (DeepSeekMoE)
+
+With capacity_factor f > 0 each expert takes at most C = ceil(T k / E) f assignments per row, in
+token order (MaxText); an assignment past C is dropped: it adds 0 (the block's residual still
+carries the token). impl "dense" runs every expert on every token and masks the combine (the
+reference); "ragged" sorts the assignments by expert and runs jax.lax.ragged_dot grouped matmuls,
+then unsorts and sums with the gates. Both give the same values and gradients (tests/test_moe.py).
+
+Seams for the variants (shared/specs/rrt_coe_rmoe_rexmoe.md): `route` and `routed_experts` are
+separate, so Chain-of-Experts reuses the expert weights with one router per iteration
+(routers.Router stacks them), RMoE feeds other router logits, and ReXMoE passes a group's pooled
+expert weights to `routed_experts`.
+
+Aux of one MoE application (summed over the model's layers by `add_aux`, then averaged by
+`mean_over_layers`): "loss/moe_balance" =
+balance_coeff * E sum_e f_e P_e, "loss/moe_z" = z_coeff * mean logsumexp(logits)^2, and the
+statistics "moe/balance", "moe/z", "moe/load" [E] (fraction of assignments per expert),
+"moe/max_violation", "moe/dropped" (fraction of assignments past capacity), "moe/layers" (1).
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+from flax import nnx
+
+from research import routing
+from research.model import routers
+from research.model.layers import SwiGLU, normal_init
+
+Array = jax.Array
+
+
+def expert_d_ff(m: mlc.ConfigDict) -> int:
+  """Hidden width of one expert: model.moe.d_ff, or model.d_ff when it is -1."""
+  return m.d_ff if m.moe.d_ff == -1 else m.moe.d_ff
+
+
+def is_moe_layer(m: mlc.ConfigDict, layer: int) -> bool:
+  """Whether unique layer `layer` (0-based: prelude, shared, coda blocks in order; the layer index
+  of a plain stack) has the routed FFN: after the first `first_dense` (DeepSeek
+  first_k_dense_replace), every `every`-th layer, (l + 1) % every == 0 (MaxText interleave)."""
+  c = m.moe
+  return c.num_experts > 0 and layer >= c.first_dense and (layer + 1) % c.every == 0
+
+
+class Routing(NamedTuple):
+  """One MoE routing decision. logits_BTE float32; weights_BTK the gates (0 where dropped);
+  experts_BTK the chosen experts; keep_BTK the assignment is within capacity."""
+
+  logits: Array
+  weights: Array
+  experts: Array
+  keep: Array
+
+
+def dense_experts(x_BTD: Array, w_gate_EDF: Array, w_up_EDF: Array, w_down_EFD: Array,
+                  r: Routing) -> Array:
+  """Reference: every expert on every token, combined with the gates (0 off the top-k)."""
+  num_experts = w_gate_EDF.shape[0]
+  combine_BTE = jnp.sum(jax.nn.one_hot(r.experts, num_experts) * r.weights[..., None], axis=2)
+  h_BTEF = (jax.nn.silu(jnp.einsum("btd,edf->btef", x_BTD, w_gate_EDF))
+            * jnp.einsum("btd,edf->btef", x_BTD, w_up_EDF))
+  y_BTED = jnp.einsum("btef,efd->bted", h_BTEF, w_down_EFD)
+  return jnp.einsum("bte,bted->btd", combine_BTE.astype(y_BTED.dtype), y_BTED)
+
+
+def ragged_experts(x_BTD: Array, w_gate_EDF: Array, w_up_EDF: Array, w_down_EFD: Array,
+                   r: Routing) -> Array:
+  """Sorted path: the N k assignments sorted by expert (dropped ones last, outside every group),
+  three ragged_dot grouped matmuls, unsorted and summed over k with the gates (MaxText
+  sparse_matmul with jax.lax.ragged_dot)."""
+  b, t, d = x_BTD.shape
+  k, num_experts = r.experts.shape[-1], w_gate_EDF.shape[0]
+  perm_M, sizes_E = routing.sort_by_expert(r.experts.reshape(-1), r.keep.reshape(-1), num_experts)
+  x_MD = routing.permute_rows(jnp.repeat(x_BTD.reshape(b * t, d), k, axis=0), perm_M)
+  h_MF = (jax.nn.silu(jax.lax.ragged_dot(x_MD, w_gate_EDF, sizes_E))
+          * jax.lax.ragged_dot(x_MD, w_up_EDF, sizes_E))
+  y_MD = jax.lax.ragged_dot(h_MF, w_down_EFD, sizes_E)
+  y_NKD = routing.permute_rows(y_MD, routing.inverse_permutation(perm_M)).reshape(b * t, k, d)
+  y_ND = jnp.einsum("nk,nkd->nd", r.weights.reshape(b * t, k).astype(y_NKD.dtype), y_NKD)
+  return y_ND.reshape(b, t, d)
+
+
+IMPLS = {"dense": dense_experts, "ragged": ragged_experts}
+
+
+class MoE(nnx.Module):
+  """Router + E stacked SwiGLU experts [E, D, F] / [E, F, D] (+ shared experts). `m` is the model
+  config section; model.moe holds the MoE keys."""
+
+  def __init__(self, m: mlc.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
+    c = m.moe
+    e, d, f = c.num_experts, m.d_model, expert_d_ff(m)
+    self.router = routers.Router(1, d, e, "linear", std=m.init_std, param_dtype=param_dtype,
+                                 rngs=rngs)
+
+    def stacked(shape, names):
+      return nnx.Param(normal_init(m.init_std, names)(rngs.params(), shape, param_dtype))
+
+    self.gate_proj = stacked((e, d, f), ("expert", "embed", "mlp"))
+    self.up_proj = stacked((e, d, f), ("expert", "embed", "mlp"))
+    self.down_proj = stacked((e, f, d), ("expert", "mlp", "embed"))
+    self.shared = (SwiGLU(d, f * c.num_shared_experts, std=m.init_std, dtype=dtype,
+                          param_dtype=param_dtype, rngs=rngs) if c.num_shared_experts else None)
+    self.dtype = dtype
+    self.top_k, self.score, self.renormalize = c.top_k, c.score, c.renormalize
+    self.capacity_factor, self.impl = c.capacity_factor, c.impl
+    self.balance_coeff, self.z_coeff = c.balance_coeff, c.z_coeff
+
+  def route(self, x_BTD: Array, valid_BT: Array) -> Routing:
+    """Router logits, top-k gates and the capacity mask of the valid (non-padding) tokens."""
+    logits_BTE = self.router(x_BTD, 0)
+    scores_BTE = routing.expert_scores(logits_BTE, self.score)
+    w_BTK, e_BTK = routing.top_experts(scores_BTE, self.top_k, self.renormalize)
+    if self.capacity_factor > 0:
+      num_experts = logits_BTE.shape[-1]
+      cap = routing.expert_capacity(x_BTD.shape[1], self.top_k, num_experts, self.capacity_factor)
+      keep_BTK = routing.within_capacity(e_BTK, valid_BT, num_experts, cap)
+    else:
+      keep_BTK = jnp.ones(e_BTK.shape, bool)
+    return Routing(logits_BTE, jnp.where(keep_BTK, w_BTK, 0.0), e_BTK, keep_BTK)
+
+  def routed_experts(self, x_BTD: Array, r: Routing) -> Array:
+    """sum_i w_i E_{e_i}(x) through the configured implementation."""
+    weights = (self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+    return IMPLS[self.impl](x_BTD, *(w.astype(self.dtype) for w in weights), r)
+
+  def __call__(self, x_BTD: Array, valid_BT: Array | None = None) -> tuple[Array, dict]:
+    """(y_BTD, aux); `valid_BT` False at padding, which takes no capacity and no statistics."""
+    if valid_BT is None:
+      valid_BT = jnp.ones(x_BTD.shape[:2], bool)
+    r = self.route(x_BTD, valid_BT)
+    y_BTD = self.routed_experts(x_BTD, r)
+    if self.shared is not None:
+      y_BTD = y_BTD + self.shared(x_BTD)
+    return y_BTD.astype(x_BTD.dtype), self.aux(r, valid_BT)
+
+  def aux(self, r: Routing, valid_BT: Array) -> dict:
+    """Losses (weighted) and statistics of one application (module docstring)."""
+    num_experts = r.logits.shape[-1]
+    probs_BTE = routing.expert_scores(r.logits, self.score)
+    probs_BTE = probs_BTE / jnp.sum(probs_BTE, axis=-1, keepdims=True)  # sigmoid: DeepSeek-V3
+    balance = routing.balancing_loss(probs_BTE, r.experts, valid_BT)
+    z = routing.z_loss(r.logits, valid_BT)
+    load_E = routing.load(r.experts, valid_BT, num_experts)
+    assigned_BTK = jnp.broadcast_to(valid_BT[..., None], r.keep.shape)
+    dropped = jnp.sum(assigned_BTK & ~r.keep) / jnp.maximum(jnp.sum(assigned_BTK), 1)
+    return {"loss/moe_balance": self.balance_coeff * balance, "loss/moe_z": self.z_coeff * z,
+            "moe/balance": balance, "moe/z": z, "moe/load": load_E,
+            "moe/max_violation": routing.max_violation(load_E), "moe/dropped": dropped,
+            "moe/layers": jnp.ones((), jnp.float32)}
+
+
+def add_aux(parts: list[dict]) -> dict:
+  """Keywise sum of the aux dicts of a model's parts (blocks, stacks, cores)."""
+  out = {}
+  for part in parts:
+    for key, value in part.items():
+      out[key] = out[key] + value if key in out else value
+  return out
+
+
+def mean_over_layers(aux: dict) -> dict:
+  """`aux` (summed over the model's parts by add_aux) with every "moe/" and "loss/moe_" entry
+  divided by the number of MoE applications "moe/layers" (each layer, and each depth of a tied
+  layer, counts once): MoE losses and statistics are means over the MoE layers, as MaxText
+  averages its per-layer balance loss. Other entries (MoR's) pass through."""
+  if "moe/layers" not in aux:
+    return aux
+  n = aux["moe/layers"]
+  return {k: v / n if k != "moe/layers" and k.startswith(("moe/", "loss/moe_")) else v
+          for k, v in aux.items()}
