@@ -91,7 +91,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.moe.z_coeff = 0.0  # router z-loss mean(logsumexp(logits)^2) weight (ST-MoE: 1e-3)
   c.model.moe.first_dense = 0  # the first layers keep the dense FFN (DeepSeek first_k_dense)
   c.model.moe.every = 1  # routed FFN where (layer + 1) % every == 0 (1: every layer)
-  c.model.moe.impl = "ragged"  # ragged (sort + lax.ragged_dot) | dense (all experts, reference)
+  c.model.moe.impl = "ragged"  # ragged (sort + grouped matmuls) | dense (all experts, reference)
+  c.model.moe.gmm = "xla"  # ragged grouped matmul: xla (lax.ragged_dot) | pallas | reference
 
   c.data = mlc.ConfigDict()
   c.data.source = "embedded"  # embedded | jsonl | parquet | arrayrecord

@@ -10,6 +10,7 @@ import os
 
 import ml_collections as mlc
 
+from research.kernels import dispatch
 from research.model import moe, recursion
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -158,6 +159,7 @@ def validate_moe(cfg: mlc.ConfigDict) -> None:
   _check(c.d_ff == -1 or c.d_ff > 0, "model.moe.d_ff", c.d_ff, "must be > 0, or -1 (model.d_ff)")
   _one_of(cfg, "model.moe.score", ("softmax", "sigmoid"))
   _one_of(cfg, "model.moe.impl", ("ragged", "dense"))
+  _one_of(cfg, "model.moe.gmm", dispatch.GMM_IMPLS)
   for key in ("num_shared_experts", "capacity_factor", "balance_coeff", "z_coeff",
               "first_dense"):
     _check(c[key] >= 0, f"model.moe.{key}", c[key], "must be >= 0")

@@ -34,6 +34,7 @@ import ml_collections as mlc
 from flax import nnx
 
 from research import routing
+from research.kernels import dispatch
 from research.model import routers
 from research.model.layers import SwiGLU, normal_init
 
@@ -75,17 +76,18 @@ def dense_experts(x_BTD: Array, w_gate_EDF: Array, w_up_EDF: Array, w_down_EFD: 
 
 
 def ragged_experts(x_BTD: Array, w_gate_EDF: Array, w_up_EDF: Array, w_down_EFD: Array,
-                   r: Routing) -> Array:
+                   r: Routing, gmm: str = "xla") -> Array:
   """Sorted path: the N k assignments sorted by expert (dropped ones last, outside every group),
-  three ragged_dot grouped matmuls, unsorted and summed over k with the gates (MaxText
-  sparse_matmul with jax.lax.ragged_dot)."""
+  three grouped matmuls (`gmm`: research/kernels/dispatch.py, "xla" = jax.lax.ragged_dot),
+  unsorted and summed over k with the gates (MaxText sparse_matmul)."""
+  grouped_matmul = dispatch.grouped_matmul_fn(gmm)
   b, t, d = x_BTD.shape
   k, num_experts = r.experts.shape[-1], w_gate_EDF.shape[0]
   perm_M, sizes_E = routing.sort_by_expert(r.experts.reshape(-1), r.keep.reshape(-1), num_experts)
   x_MD = routing.permute_rows(jnp.repeat(x_BTD.reshape(b * t, d), k, axis=0), perm_M)
-  h_MF = (jax.nn.silu(jax.lax.ragged_dot(x_MD, w_gate_EDF, sizes_E))
-          * jax.lax.ragged_dot(x_MD, w_up_EDF, sizes_E))
-  y_MD = jax.lax.ragged_dot(h_MF, w_down_EFD, sizes_E)
+  h_MF = (jax.nn.silu(grouped_matmul(x_MD, w_gate_EDF, sizes_E))
+          * grouped_matmul(x_MD, w_up_EDF, sizes_E))
+  y_MD = grouped_matmul(h_MF, w_down_EFD, sizes_E)
   y_NKD = routing.permute_rows(y_MD, routing.inverse_permutation(perm_M)).reshape(b * t, k, d)
   y_ND = jnp.einsum("nk,nkd->nd", r.weights.reshape(b * t, k).astype(y_NKD.dtype), y_NKD)
   return y_ND.reshape(b, t, d)
@@ -115,6 +117,7 @@ class MoE(nnx.Module):
     self.dtype = dtype
     self.top_k, self.score, self.renormalize = c.top_k, c.score, c.renormalize
     self.capacity_factor, self.impl = c.capacity_factor, c.impl
+    self.gmm = c.gmm
     self.balance_coeff, self.z_coeff = c.balance_coeff, c.z_coeff
 
   def route(self, x_BTD: Array, valid_BT: Array) -> Routing:
@@ -133,7 +136,8 @@ class MoE(nnx.Module):
   def routed_experts(self, x_BTD: Array, r: Routing) -> Array:
     """sum_i w_i E_{e_i}(x) through the configured implementation."""
     weights = (self.gate_proj[...], self.up_proj[...], self.down_proj[...])
-    return IMPLS[self.impl](x_BTD, *(w.astype(self.dtype) for w in weights), r)
+    kernel = {"gmm": self.gmm} if self.impl == "ragged" else {}
+    return IMPLS[self.impl](x_BTD, *(w.astype(self.dtype) for w in weights), r, **kernel)
 
   def __call__(self, x_BTD: Array, valid_BT: Array | None = None) -> tuple[Array, dict]:
     """(y_BTD, aux); `valid_BT` False at padding, which takes no capacity and no statistics."""
