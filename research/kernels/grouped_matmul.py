@@ -88,7 +88,7 @@ def _gmm_kernel(offsets_ref, first_ref, last_ref, lhs_ref, rhs_ref, out_ref, *, 
 
 def _gmm(lhs_MK: Array, rhs_GKN: Array, group_sizes_G: Array, tiling: tuple[int, int, int],
          interpret: bool) -> Array:
-  """The forward kernel on padded inputs; lhs and rhs share a dtype."""
+  """The forward kernel: pads to the tiles, runs, slices back; lhs and rhs share a dtype."""
   tm, tk, tn = tiling
   (m, k), (num_groups, _, n) = lhs_MK.shape, rhs_GKN.shape
   mp, kp, np_ = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
