@@ -184,3 +184,20 @@ def test_moe_layer_with_gmm_equals_xla(mesh, gmm):
   np.testing.assert_allclose(gx_k, gx_x, atol=1e-5)
   for (path, g_k), (_, g_x) in zip(nnx.to_flat_state(gs_k), nnx.to_flat_state(gs_x), strict=True):
     np.testing.assert_allclose(g_k[...], g_x[...], atol=1e-5, err_msg=str(path))
+
+
+def test_kernel_lowers_to_triton_for_gpu():
+  """Cross-platform lowering from this CPU host (no GPU needed, nothing compiled or run): the
+  forward and the gradient emit Triton custom calls, not Mosaic GPU."""
+  lhs_MK = jnp.zeros((256, 128), jnp.bfloat16)
+  rhs_GKN = jnp.zeros((4, 128, 256), jnp.bfloat16)
+  sizes_G = jnp.array([64, 0, 100, 92], jnp.int32)
+
+  def loss(lhs_MK, rhs_GKN):
+    out_MN = gmm_lib.grouped_matmul(lhs_MK, rhs_GKN, sizes_G, (64, 64, 64), interpret=False)
+    return jnp.sum(out_MN.astype(jnp.float32))
+
+  for fn in (loss, jax.grad(loss, argnums=(0, 1))):
+    text = jax.jit(fn).trace(lhs_MK, rhs_GKN).lower(lowering_platforms=("cuda",)).as_text()
+    assert "custom_call @__gpu$xla.gpu.triton" in text
+    assert "mosaic_gpu" not in text
