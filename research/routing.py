@@ -186,6 +186,15 @@ def balancing_loss(probs_BTN: Array, choice_BT: Array, valid_BT: Array) -> Array
   return jnp.sum(n * load(choice_BT, valid_BT, n) * p_N)
 
 
+def sequence_balancing_loss(probs_BTN: Array, choice_BTK: Array, valid_BT: Array) -> Array:
+  """`balancing_loss` of each row, averaged over the rows holding a valid token: DeepSeek-V2's
+  seq_aux, mean_b sum_e ce_be P_be with ce_be = count_be / (T K / E) (the CoE code's gate; spec
+  rrt_coe_rmoe_rexmoe.md §2.1); 1 when every row is balanced."""
+  per_row = jax.vmap(lambda p, c, v: balancing_loss(p[None], c[None], v[None]))
+  has_B = jnp.any(valid_BT, axis=1)
+  return jnp.sum(per_row(probs_BTN, choice_BTK, valid_BT) * has_B) / jnp.maximum(jnp.sum(has_B), 1)
+
+
 def loss_free_bias(bias_N: Array, load_N: Array, rate: float) -> Array:
   """b_i + u sign(mean load - load_i) (§2.4 step 6): under-loaded depths gain u."""
   return bias_N + rate * jnp.sign(jnp.mean(load_N) - load_N)
