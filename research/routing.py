@@ -1,7 +1,8 @@
 """Pure routing functions of Mixture-of-Recursions (shared/specs/mor.md §2): capacities, top-k over
 the tokens of a row, gather/scatter of rows, gates, auxiliary losses and the loss-free bias; and of
 token-choice Mixture-of-Experts (docs/moe.md): expert scores, top-k experts per token, per-row
-expert capacity, sort by expert / unsort with a gather-only backward, group sizes.
+expert capacity, sort by expert / unsort with a gather-only backward, group sizes, the
+per-sequence balance loss.
 
 Routing runs per packed row and never across rows. Capacities are measured against the row length
 T as in the paper (§2.2: k_r = max(1, floor(c_r T))), so k_r is static. Padding (segment 0) never
