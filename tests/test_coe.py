@@ -410,7 +410,8 @@ def test_coe_lm_trains_and_reports_aux():
 
 
 def test_coe_in_a_tied_core_decodes_like_the_full_forward():
-  cfg = tiny_config(vocab_size=64, num_layers=4, recursion=dict(strategy="cycle",
+  """One shared CoE block (inner wiring) run at 2 depths; prefill then one-token steps."""
+  cfg = tiny_config(vocab_size=64, num_layers=2, recursion=dict(strategy="cycle",
                                                                  num_recursions=2), moe=COE)
   with nnx.use_eager_sharding(False):
     model = LanguageModel(cfg.model, rngs=nnx.Rngs(0))
