@@ -14,16 +14,27 @@ carries the token). impl "dense" runs every expert on every token and masks the 
 reference); "ragged" sorts the assignments by expert and runs jax.lax.ragged_dot grouped matmuls,
 then unsorts and sums with the gates. Both give the same values and gradients (tests/test_moe.py).
 
-Seams for the variants (shared/specs/rrt_coe_rmoe_rexmoe.md): `route` and `routed_experts` are
-separate, so Chain-of-Experts reuses the expert weights with one router per iteration
-(routers.Router stacks them), RMoE feeds other router logits, and ReXMoE passes a group's pooled
-expert weights to `routed_experts`.
+Chain-of-Experts (Wang et al. 2025, shared/specs/rrt_coe_rmoe_rexmoe.md §2.1; docs/moe.md) is
+the same layer iterated C = `iterations` times over the SAME experts, iteration t routed by its own
+router t (routers.Router stacks C of them; one with coe_shared_router), top-k per iteration, the
+shared experts run at every iteration:
 
-Aux of one MoE application (summed over the model's layers by `add_aux`, then averaged by
-`mean_over_layers`): "loss/moe_balance" =
-balance_coeff * E sum_e f_e P_e, "loss/moe_z" = z_coeff * mean logsumexp(logits)^2, and the
-statistics "moe/balance", "moe/z", "moe/load" [E] (fraction of assignments per expert),
-"moe/max_violation", "moe/dropped" (fraction of assignments past capacity), "moe/layers" (1).
+  x^(0) = x,   x^(t) = [x^(t-1) +] MoE_t(x^(t-1)),   y = x^(C)
+
+with the residual between iterations ("[x^(t-1) +]") and the block's own residual (Block adds its
+input unless `outer_residual` is False) chosen by coe_residual, as the official code's flags
+(inner_residual, outer_residual): "outer" (F, T) = the standard pre-norm block (plain MoE at C=1),
+"inner" (T, F: the code's default, so the block's output is norm(h) + sum of the updates),
+"inner_outer" (T, T). RMoE feeds other router logits to `route`, and ReXMoE passes a group's
+pooled expert weights to `routed_experts`.
+
+Aux of one gate call: "loss/moe_balance" = balance_coeff * B with B = E sum_e f_e P_e over the
+batch, or its mean over rows (balance_scope="sequence", DeepSeek's seq_aux), "loss/moe_z" =
+z_coeff * mean logsumexp(logits)^2, and the statistics "moe/balance", "moe/z", "moe/load" [E]
+(fraction of assignments per expert), "moe/max_violation", "moe/dropped" (fraction of assignments
+past capacity), "moe/layers" (1). A CoE layer sums its C gate calls' losses (the official code adds
+every gate call's loss) and averages their statistics (`iteration_aux`), one application; the
+model sums layers with `add_aux` and averages them with `mean_over_layers`.
 """
 
 from typing import NamedTuple
@@ -103,8 +114,9 @@ class MoE(nnx.Module):
   def __init__(self, m: mlc.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
     c = m.moe
     e, d, f = c.num_experts, m.d_model, expert_d_ff(m)
-    self.router = routers.Router(1, d, e, "linear", std=m.init_std, param_dtype=param_dtype,
-                                 rngs=rngs)
+    self.iterations, self.shared_router = c.iterations, c.coe_shared_router
+    self.router = routers.Router(1 if c.coe_shared_router else c.iterations, d, e, "linear",
+                                 std=m.init_std, param_dtype=param_dtype, rngs=rngs)
 
     def stacked(shape, names):
       return nnx.Param(normal_init(m.init_std, names)(rngs.params(), shape, param_dtype))
@@ -119,10 +131,14 @@ class MoE(nnx.Module):
     self.capacity_factor, self.impl = c.capacity_factor, c.impl
     self.gmm = c.gmm
     self.balance_coeff, self.z_coeff = c.balance_coeff, c.z_coeff
+    self.balance_scope = c.balance_scope
+    self.inner_residual = c.coe_residual in ("inner", "inner_outer")
+    self.outer_residual = c.coe_residual in ("outer", "inner_outer")  # read by Block
 
-  def route(self, x_BTD: Array, valid_BT: Array) -> Routing:
-    """Router logits, top-k gates and the capacity mask of the valid (non-padding) tokens."""
-    logits_BTE = self.router(x_BTD, 0)
+  def route(self, x_BTD: Array, valid_BT: Array, t: int = 0) -> Routing:
+    """Router logits, top-k gates and the capacity mask of the valid (non-padding) tokens, by the
+    router of iteration t (CoE: e_t of spec §2.1; router 0 for all t with coe_shared_router)."""
+    logits_BTE = self.router(x_BTD, 0 if self.shared_router else t)
     scores_BTE = routing.expert_scores(logits_BTE, self.score)
     w_BTK, e_BTK = routing.top_experts(scores_BTE, self.top_k, self.renormalize)
     if self.capacity_factor > 0:
@@ -140,21 +156,36 @@ class MoE(nnx.Module):
     return IMPLS[self.impl](x_BTD, *(w.astype(self.dtype) for w in weights), r, **kernel)
 
   def __call__(self, x_BTD: Array, valid_BT: Array | None = None) -> tuple[Array, dict]:
-    """(y_BTD, aux); `valid_BT` False at padding, which takes no capacity and no statistics."""
+    """(y_BTD, aux); `valid_BT` False at padding, which takes no capacity and no statistics.
+    With C = 1 and no inner residual, y = MoE(x)."""
     if valid_BT is None:
       valid_BT = jnp.ones(x_BTD.shape[:2], bool)
-    r = self.route(x_BTD, valid_BT)
-    y_BTD = self.routed_experts(x_BTD, r)
-    if self.shared is not None:
-      y_BTD = y_BTD + self.shared(x_BTD)
-    return y_BTD.astype(x_BTD.dtype), self.aux(r, valid_BT)
+    y_BTD, rs = self.iterate(x_BTD, valid_BT)
+    return y_BTD, iteration_aux([self.aux(r, valid_BT) for r in rs])
+
+  def iterate(self, x_BTD: Array, valid_BT: Array) -> tuple[Array, list[Routing]]:
+    """x^(C) of the chain x^(t) = [x^(t-1) +] MoE_t(x^(t-1)) (CoE, spec §2.1; the bracket with
+    the inner residual) and the routing of each iteration."""
+    rs = []
+    for t in range(self.iterations):
+      r = self.route(x_BTD, valid_BT, t)
+      y_BTD = self.routed_experts(x_BTD, r)
+      if self.shared is not None:  # every iteration, on x^(t-1) (the official CoeMoE.forward)
+        y_BTD = y_BTD + self.shared(x_BTD)
+      y_BTD = y_BTD.astype(x_BTD.dtype)
+      x_BTD = x_BTD + y_BTD if self.inner_residual else y_BTD
+      rs.append(r)
+    return x_BTD, rs
 
   def aux(self, r: Routing, valid_BT: Array) -> dict:
     """Losses (weighted) and statistics of one application (module docstring)."""
     num_experts = r.logits.shape[-1]
     probs_BTE = routing.expert_scores(r.logits, self.score)
     probs_BTE = probs_BTE / jnp.sum(probs_BTE, axis=-1, keepdims=True)  # sigmoid: DeepSeek-V3
-    balance = routing.balancing_loss(probs_BTE, r.experts, valid_BT)
+    if self.balance_scope == "sequence":
+      balance = routing.sequence_balancing_loss(probs_BTE, r.experts, valid_BT)
+    else:
+      balance = routing.balancing_loss(probs_BTE, r.experts, valid_BT)
     z = routing.z_loss(r.logits, valid_BT)
     load_E = routing.load(r.experts, valid_BT, num_experts)
     assigned_BTK = jnp.broadcast_to(valid_BT[..., None], r.keep.shape)
@@ -163,6 +194,13 @@ class MoE(nnx.Module):
             "moe/balance": balance, "moe/z": z, "moe/load": load_E,
             "moe/max_violation": routing.max_violation(load_E), "moe/dropped": dropped,
             "moe/layers": jnp.ones((), jnp.float32)}
+
+
+def iteration_aux(gate_calls: list[dict]) -> dict:
+  """One layer's aux from the aux of its C gate calls (CoE): the losses summed, as the official
+  code adds the loss of every gate call (spec §2.1), the statistics averaged ("moe/layers" = 1)."""
+  total = add_aux(gate_calls)
+  return {k: v if k.startswith("loss/") else v / len(gate_calls) for k, v in total.items()}
 
 
 def add_aux(parts: list[dict]) -> dict:

@@ -218,8 +218,8 @@ class Recursion(nnx.Module):
 
 
 def non_embedding_params(m: mlc.ConfigDict) -> int:
-  """Unique non-embedding parameters: prelude + shared + coda layers (a routed FFN: router, all E
-experts and the shared ones), LoRAs, untied/final norms.
+  """Unique non-embedding parameters: prelude + shared + coda layers (a routed FFN: its router, one
+  per CoE iteration unless shared, all E experts and the shared ones), LoRAs, untied/final norms.
 
   Reproduces the papers' counts (tested): MoR 360M middle-cycle Nr=2/3/4 = 167M/118M/98M, RRT
   Gemma-2B cycle B=2 with ranks 64..512 = 1.07/1.15/1.30/1.60B.
@@ -227,8 +227,9 @@ experts and the shared ones), LoRAs, untied/final norms.
   head_dim = m.head_dim if m.head_dim > 0 else m.d_model // m.num_heads
   d, c = m.d_model, m.moe
   layer = d * head_dim * 2 * (m.num_heads + m.num_kv_heads) + 2 * d
-  routed_ffn = d * c.num_experts + 3 * d * moe.expert_d_ff(m) * (c.num_experts
-                                                                + c.num_shared_experts)
+  num_routers = 1 if c.coe_shared_router else c.iterations
+  routed_ffn = (num_routers * d * c.num_experts
+                + 3 * d * moe.expert_d_ff(m) * (c.num_experts + c.num_shared_experts))
   plan = make_plan(m.recursion.strategy, m.num_layers, m.recursion.num_recursions)
   unique_layers = plan.prelude + plan.num_shared + plan.coda
   depths = len(plan.order) if m.recursion.strategy != "none" else 0
