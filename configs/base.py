@@ -92,6 +92,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.moe.first_dense = 0  # the first layers keep the dense FFN (DeepSeek first_k_dense)
   c.model.moe.every = 1  # routed FFN where (layer + 1) % every == 0 (1: every layer)
   c.model.moe.impl = "ragged"  # ragged (sort + lax.ragged_dot) | dense (all experts, reference)
+  c.model.moe.router = "linear"  # linear x W_r | gru: RMoE, h_i = GRU(x_i Proj_i, h_{i-1}) G_i
+  c.model.moe.gru_dim = 128  # gru: GRU hidden size p (RMoE recommends 128)
+  c.model.moe.gru_recurrence = "full"  # gru: full | detach (stop grad of h_{i-1}) | none (h = 0)
 
   c.data = mlc.ConfigDict()
   c.data.source = "embedded"  # embedded | jsonl | parquet | arrayrecord

@@ -10,7 +10,7 @@ import os
 
 import ml_collections as mlc
 
-from research.model import moe, recursion
+from research.model import moe, recursion, routers
 
 DTYPES = ("auto", "float32", "bfloat16")
 RECURSIVE_INITS = ("stepwise", "average", "lower", "random")  # RRT §2.2 (docs/rrt.md)
@@ -158,6 +158,10 @@ def validate_moe(cfg: mlc.ConfigDict) -> None:
   _check(c.d_ff == -1 or c.d_ff > 0, "model.moe.d_ff", c.d_ff, "must be > 0, or -1 (model.d_ff)")
   _one_of(cfg, "model.moe.score", ("softmax", "sigmoid"))
   _one_of(cfg, "model.moe.impl", ("ragged", "dense"))
+  _one_of(cfg, "model.moe.router", ("linear", "gru"))
+  if c.router == "gru":
+    _positive(cfg, "model.moe.gru_dim")
+    _one_of(cfg, "model.moe.gru_recurrence", routers.RECURRENCE)
   for key in ("num_shared_experts", "capacity_factor", "balance_coeff", "z_coeff",
               "first_dense"):
     _check(c[key] >= 0, f"model.moe.{key}", c[key], "must be >= 0")

@@ -19,6 +19,10 @@ separate, so Chain-of-Experts reuses the expert weights with one router per iter
 (routers.Router stacks them), RMoE feeds other router logits, and ReXMoE passes a group's pooled
 expert weights to `routed_experts`.
 
+RMoE (Qiu et al. 2024, spec §3; model.moe.router="gru"): the logits of MoE layer i come from
+routers.RecurrentRouter, h_i = GRU(x_i Proj_i, h_{i-1}), logits = h_i G_i, with one GRU cell for
+the whole model (RoutedFFNs builds it) and h carried from block to block in layers.Carry.
+
 Aux of one MoE application (summed over the model's layers by `add_aux`, then averaged by
 `mean_over_layers`): "loss/moe_balance" =
 balance_coeff * E sum_e f_e P_e, "loss/moe_z" = z_coeff * mean logsumexp(logits)^2, and the
@@ -35,7 +39,7 @@ from flax import nnx
 
 from research import routing
 from research.model import routers
-from research.model.layers import SwiGLU, normal_init
+from research.model.layers import NO_CARRY, Carry, SwiGLU, normal_init
 
 Array = jax.Array
 
@@ -51,6 +55,32 @@ def is_moe_layer(m: mlc.ConfigDict, layer: int) -> bool:
   first_k_dense_replace), every `every`-th layer, (l + 1) % every == 0 (MaxText interleave)."""
   c = m.moe
   return c.num_experts > 0 and layer >= c.first_dense and (layer + 1) % c.every == 0
+
+
+def num_candidates(m: mlc.ConfigDict) -> int:
+  """Experts a routed layer chooses from (its router's outputs): E."""
+  return m.moe.num_experts
+
+
+def router_params(m: mlc.ConfigDict) -> int:
+  """Router parameters of one routed layer: W_r d E (linear), or RMoE's Proj_i d p + G_i p E."""
+  c, e = m.moe, num_candidates(m)
+  return m.d_model * e if c.router == "linear" else (m.d_model + e) * c.gru_dim
+
+
+def shared_router_params(m: mlc.ConfigDict) -> int:
+  """Router parameters shared by all routed layers: RMoE's GRU cell 6 p^2 + 6 p (spec §3.2)."""
+  p = m.moe.gru_dim
+  return 6 * p * p + 6 * p if m.moe.num_experts and m.moe.router == "gru" else 0
+
+
+def router_macs(m: mlc.ConfigDict) -> int:
+  """Multiply-adds per token of one routed layer's router: d E, or d p + 6 p^2 + p E (RMoE: Proj_i,
+  the GRU's six p x p maps, G_i)."""
+  c, e = m.moe, num_candidates(m)
+  if c.router == "linear":
+    return m.d_model * e
+  return (m.d_model + 6 * c.gru_dim + e) * c.gru_dim
 
 
 class Routing(NamedTuple):
@@ -98,11 +128,16 @@ class MoE(nnx.Module):
   """Router + E stacked SwiGLU experts [E, D, F] / [E, F, D] (+ shared experts). `m` is the model
   config section; model.moe holds the MoE keys."""
 
-  def __init__(self, m: mlc.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, m: mlc.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs,
+               gru: routers.GRUCell | None = None):
     c = m.moe
     e, d, f = c.num_experts, m.d_model, expert_d_ff(m)
-    self.router = routers.Router(1, d, e, "linear", std=m.init_std, param_dtype=param_dtype,
-                                 rngs=rngs)
+    if c.router == "gru":  # RMoE: `gru` is the model's one cell (RoutedFFNs)
+      self.router = routers.RecurrentRouter(d, c.gru_dim, e, gru, recurrence=c.gru_recurrence,
+                                            std=m.init_std, param_dtype=param_dtype, rngs=rngs)
+    else:
+      self.router = routers.Router(1, d, e, "linear", std=m.init_std, param_dtype=param_dtype,
+                                   rngs=rngs)
 
     def stacked(shape, names):
       return nnx.Param(normal_init(m.init_std, names)(rngs.params(), shape, param_dtype))
@@ -117,9 +152,11 @@ class MoE(nnx.Module):
     self.capacity_factor, self.impl = c.capacity_factor, c.impl
     self.balance_coeff, self.z_coeff = c.balance_coeff, c.z_coeff
 
-  def route(self, x_BTD: Array, valid_BT: Array) -> Routing:
-    """Router logits, top-k gates and the capacity mask of the valid (non-padding) tokens."""
-    logits_BTE = self.router(x_BTD, 0)
+  def route(self, x_BTD: Array, valid_BT: Array, logits_BTE: Array | None = None) -> Routing:
+    """Router logits, top-k gates and the capacity mask of the valid (non-padding) tokens.
+    `logits_BTE` replaces the linear router's (RMoE's recurrent router, `forward`)."""
+    if logits_BTE is None:
+      logits_BTE = self.router(x_BTD, 0)
     scores_BTE = routing.expert_scores(logits_BTE, self.score)
     w_BTK, e_BTK = routing.top_experts(scores_BTE, self.top_k, self.renormalize)
     if self.capacity_factor > 0:
@@ -137,13 +174,23 @@ class MoE(nnx.Module):
 
   def __call__(self, x_BTD: Array, valid_BT: Array | None = None) -> tuple[Array, dict]:
     """(y_BTD, aux); `valid_BT` False at padding, which takes no capacity and no statistics."""
+    return self.forward(x_BTD, valid_BT)[:2]
+
+  def forward(self, x_BTD: Array, valid_BT: Array | None = None, carry: Carry = NO_CARRY
+              ) -> tuple[Array, dict, Carry]:
+    """(y_BTD, aux, carry): a recurrent router reads h_{i-1} from the carry and puts h_i there;
+    a linear one passes the carry on."""
     if valid_BT is None:
       valid_BT = jnp.ones(x_BTD.shape[:2], bool)
-    r = self.route(x_BTD, valid_BT)
+    logits_BTE = None
+    if isinstance(self.router, routers.RecurrentRouter):
+      logits_BTE, h_BTP = self.router(x_BTD, carry.router)
+      carry = carry._replace(router=h_BTP)
+    r = self.route(x_BTD, valid_BT, logits_BTE)
     y_BTD = self.routed_experts(x_BTD, r)
     if self.shared is not None:
       y_BTD = y_BTD + self.shared(x_BTD)
-    return y_BTD.astype(x_BTD.dtype), self.aux(r, valid_BT)
+    return y_BTD.astype(x_BTD.dtype), self.aux(r, valid_BT), carry
 
   def aux(self, r: Routing, valid_BT: Array) -> dict:
     """Losses (weighted) and statistics of one application (module docstring)."""
@@ -159,6 +206,30 @@ class MoE(nnx.Module):
             "moe/balance": balance, "moe/z": z, "moe/load": load_E,
             "moe/max_violation": routing.max_violation(load_E), "moe/dropped": dropped,
             "moe/layers": jnp.ones((), jnp.float32)}
+
+
+class RoutedFFNs:
+  """Builds the FFN of each unique layer, in layer order (None: the dense SwiGLU), with what the
+  routed ones share: RMoE's GRU cell, one per model, made with the first MoE layer and reachable
+  from every layer's router (one parameter, its gradients summed over the layers)."""
+
+  def __init__(self, m: mlc.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.m, self.kw = m, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gru = None
+
+  def __call__(self, layer: int) -> MoE | None:
+    if not is_moe_layer(self.m, layer):
+      return None
+    c = self.m.moe
+    if c.router == "gru" and self.gru is None:
+      self.gru = routers.GRUCell(c.gru_dim, param_dtype=self.kw["param_dtype"],
+                                 rngs=self.kw["rngs"])
+    return MoE(self.m, **self.kw, gru=self.gru)
+
+
+def uses_step(m: mlc.ConfigDict) -> bool:
+  """Whether a routed layer reads the optimizer step from the carry (layers.Carry.step)."""
+  return False
 
 
 def add_aux(parts: list[dict]) -> dict:
