@@ -95,6 +95,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.moe.router = "linear"  # linear x W_r | gru: RMoE, h_i = GRU(x_i Proj_i, h_{i-1}) G_i
   c.model.moe.gru_dim = 128  # gru: GRU hidden size p (RMoE recommends 128)
   c.model.moe.gru_recurrence = "full"  # gru: full | detach (stop grad of h_{i-1}) | none (h = 0)
+  c.model.moe.rex_group = 1  # ReXMoE r: groups of r adjacent MoE layers route over r E experts
+  c.model.moe.psr = False  # ReXMoE Progressive Scaling Routing: routable pool N -> r N (Eq. 6)
+  c.model.moe.psr_start = 0  # PSR t_s: only the layer's own E experts up to this step
+  c.model.moe.psr_end = 1000  # PSR t_e: all r E experts routable from this step
 
   c.data = mlc.ConfigDict()
   c.data.source = "embedded"  # embedded | jsonl | parquet | arrayrecord

@@ -173,6 +173,13 @@ def validate_moe(cfg: mlc.ConfigDict) -> None:
   routed = [layer for layer in range(unique) if moe.is_moe_layer(m, layer)]
   _check(bool(routed), "model.moe.first_dense", c.first_dense,
          f"with config.model.moe.every={c.every} no layer of the {unique} unique layers is MoE")
+  _positive(cfg, "model.moe.rex_group")
+  _check(len(routed) % c.rex_group == 0, "model.moe.rex_group", c.rex_group,
+         f"must divide the {len(routed)} MoE layers (ReXMoE groups of adjacent MoE layers)")
+  if c.rex_group > 1 and c.psr:
+    _check(c.psr_start >= 0, "model.moe.psr_start", c.psr_start, "must be >= 0")
+    _check(c.psr_end > c.psr_start, "model.moe.psr_end", c.psr_end,
+           f"must be > config.model.moe.psr_start={c.psr_start}")
   if any(plan.prelude <= layer < plan.prelude + plan.num_shared for layer in routed):
     r = m.recursion
     ffn_rank = r.lora_rank if r.lora_rank_ffn == -1 else r.lora_rank_ffn

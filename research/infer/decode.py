@@ -58,6 +58,8 @@ def check_supported(model: LanguageModel) -> None:
   if any(isinstance(node, routers.RecurrentRouter) for _, node in nnx.iter_graph(model)):
     raise ConfigError("config.model.moe.router='gru': decoding does not carry the RMoE router "
                       "state from block to block yet")
+  if model.step_counter is not None:
+    raise ConfigError("config.model.moe.psr=True: decoding does not apply the PSR mask yet")
   core = model.core
   if not isinstance(core, mor.MoR):
     return

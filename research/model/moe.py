@@ -23,6 +23,14 @@ RMoE (Qiu et al. 2024, spec §3; model.moe.router="gru"): the logits of MoE laye
 routers.RecurrentRouter, h_i = GRU(x_i Proj_i, h_{i-1}), logits = h_i G_i, with one GRU cell for
 the whole model (RoutedFFNs builds it) and h carried from block to block in layers.Carry.
 
+ReXMoE (spec §4; model.moe.rex_group r > 1): the MoE layers form disjoint groups of r adjacent
+ones; each layer's router scores the r E experts of its group (its own at candidates
+[member E, (member + 1) E)), stored once per group as one stacked ExpertPool that every member
+holds, so a layer selecting a neighbour's expert uses that very parameter. Progressive Scaling
+Routing (model.moe.psr, §4.2) zeroes the scores of all but N_t candidates (Eq. 6) before the top-k,
+the layer's own experts first, the rest drawn per step and layer from the training step in the
+carry.
+
 Aux of one MoE application (summed over the model's layers by `add_aux`, then averaged by
 `mean_over_layers`): "loss/moe_balance" =
 balance_coeff * E sum_e f_e P_e, "loss/moe_z" = z_coeff * mean logsumexp(logits)^2, and the
@@ -58,8 +66,11 @@ def is_moe_layer(m: mlc.ConfigDict, layer: int) -> bool:
 
 
 def num_candidates(m: mlc.ConfigDict) -> int:
-  """Experts a routed layer chooses from (its router's outputs): E."""
-  return m.moe.num_experts
+  """Experts a routed layer chooses from (its router's outputs): E, or r E with ReXMoE."""
+  return m.moe.num_experts * m.moe.rex_group
+
+
+PSR_SEED = 0  # PSR masks: key fold_in(fold_in(key(PSR_SEED), step), layer), reproducible per step
 
 
 def router_params(m: mlc.ConfigDict) -> int:
@@ -124,27 +135,48 @@ def ragged_experts(x_BTD: Array, w_gate_EDF: Array, w_up_EDF: Array, w_down_EFD:
 IMPLS = {"dense": dense_experts, "ragged": ragged_experts}
 
 
+def stacked_experts(n: int, d: int, f: int, *, std: float, param_dtype, rngs: nnx.Rngs
+                    ) -> tuple[nnx.Param, nnx.Param, nnx.Param]:
+  """n SwiGLU experts: gate, up [n, D, F] and down [n, F, D], N(0, std)."""
+  def stacked(shape, names):
+    return nnx.Param(normal_init(std, names)(rngs.params(), shape, param_dtype))
+
+  return (stacked((n, d, f), ("expert", "embed", "mlp")),
+          stacked((n, d, f), ("expert", "embed", "mlp")),
+          stacked((n, f, d), ("expert", "mlp", "embed")))
+
+
+class ExpertPool(nnx.Module):
+  """ReXMoE: the experts of a group of r MoE layers, [r E, ...], member j's at rows [j E, (j+1) E);
+  held by every member (one parameter per group)."""
+
+  def __init__(self, n: int, d: int, f: int, *, std: float, param_dtype, rngs: nnx.Rngs):
+    self.gate_proj, self.up_proj, self.down_proj = stacked_experts(
+        n, d, f, std=std, param_dtype=param_dtype, rngs=rngs)
+
+
 class MoE(nnx.Module):
   """Router + E stacked SwiGLU experts [E, D, F] / [E, F, D] (+ shared experts). `m` is the model
   config section; model.moe holds the MoE keys."""
 
   def __init__(self, m: mlc.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs,
-               gru: routers.GRUCell | None = None):
+               gru: routers.GRUCell | None = None, pool: ExpertPool | None = None,
+               member: int = 0, layer: int = 0):
     c = m.moe
-    e, d, f = c.num_experts, m.d_model, expert_d_ff(m)
+    e, d, f = num_candidates(m), m.d_model, expert_d_ff(m)
     if c.router == "gru":  # RMoE: `gru` is the model's one cell (RoutedFFNs)
       self.router = routers.RecurrentRouter(d, c.gru_dim, e, gru, recurrence=c.gru_recurrence,
                                             std=m.init_std, param_dtype=param_dtype, rngs=rngs)
     else:
       self.router = routers.Router(1, d, e, "linear", std=m.init_std, param_dtype=param_dtype,
                                    rngs=rngs)
-
-    def stacked(shape, names):
-      return nnx.Param(normal_init(m.init_std, names)(rngs.params(), shape, param_dtype))
-
-    self.gate_proj = stacked((e, d, f), ("expert", "embed", "mlp"))
-    self.up_proj = stacked((e, d, f), ("expert", "embed", "mlp"))
-    self.down_proj = stacked((e, f, d), ("expert", "mlp", "embed"))
+    self.pool = pool  # ReXMoE: the group's experts; else the layer's own below
+    if pool is None:
+      self.gate_proj, self.up_proj, self.down_proj = stacked_experts(
+          e, d, f, std=m.init_std, param_dtype=param_dtype, rngs=rngs)
+    self.member, self.layer = member, layer
+    self.router_out, self.group = e, c.rex_group
+    self.psr = (c.psr_start, c.psr_end) if pool is not None and c.psr else None
     self.shared = (SwiGLU(d, f * c.num_shared_experts, std=m.init_std, dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs) if c.num_shared_experts else None)
     self.dtype = dtype
@@ -152,12 +184,16 @@ class MoE(nnx.Module):
     self.capacity_factor, self.impl = c.capacity_factor, c.impl
     self.balance_coeff, self.z_coeff = c.balance_coeff, c.z_coeff
 
-  def route(self, x_BTD: Array, valid_BT: Array, logits_BTE: Array | None = None) -> Routing:
+  def route(self, x_BTD: Array, valid_BT: Array, logits_BTE: Array | None = None,
+            keep_E: Array | None = None) -> Routing:
     """Router logits, top-k gates and the capacity mask of the valid (non-padding) tokens.
-    `logits_BTE` replaces the linear router's (RMoE's recurrent router, `forward`)."""
+    `logits_BTE` replaces the linear router's (RMoE's recurrent router, `forward`); scores are 0
+    where `keep_E` is False (ReXMoE's PSR mask, `psr_mask`), before the top-k."""
     if logits_BTE is None:
       logits_BTE = self.router(x_BTD, 0)
     scores_BTE = routing.expert_scores(logits_BTE, self.score)
+    if keep_E is not None:
+      scores_BTE = jnp.where(keep_E, scores_BTE, 0.0)
     w_BTK, e_BTK = routing.top_experts(scores_BTE, self.top_k, self.renormalize)
     if self.capacity_factor > 0:
       num_experts = logits_BTE.shape[-1]
@@ -169,7 +205,8 @@ class MoE(nnx.Module):
 
   def routed_experts(self, x_BTD: Array, r: Routing) -> Array:
     """sum_i w_i E_{e_i}(x) through the configured implementation."""
-    weights = (self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+    own = self if self.pool is None else self.pool
+    weights = (own.gate_proj[...], own.up_proj[...], own.down_proj[...])
     return IMPLS[self.impl](x_BTD, *(w.astype(self.dtype) for w in weights), r)
 
   def __call__(self, x_BTD: Array, valid_BT: Array | None = None) -> tuple[Array, dict]:
@@ -186,11 +223,20 @@ class MoE(nnx.Module):
     if isinstance(self.router, routers.RecurrentRouter):
       logits_BTE, h_BTP = self.router(x_BTD, carry.router)
       carry = carry._replace(router=h_BTP)
-    r = self.route(x_BTD, valid_BT, logits_BTE)
+    keep_E = None if self.psr is None or carry.step is None else self.psr_mask(carry.step)
+    r = self.route(x_BTD, valid_BT, logits_BTE, keep_E)
     y_BTD = self.routed_experts(x_BTD, r)
     if self.shared is not None:
       y_BTD = y_BTD + self.shared(x_BTD)
     return y_BTD.astype(x_BTD.dtype), self.aux(r, valid_BT), carry
+
+  def psr_mask(self, step: Array) -> Array:
+    """ReXMoE PSR at optimizer step `step`: N_t of the r E candidates routable (Eq. 6), the
+    layer's own first (routing.psr_mask)."""
+    e = self.router_out // self.group
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(PSR_SEED), step), self.layer)
+    kept = routing.psr_num_candidates(step, e, self.group, *self.psr)
+    return routing.psr_mask(key, kept, e, self.member, self.group)
 
   def aux(self, r: Routing, valid_BT: Array) -> dict:
     """Losses (weighted) and statistics of one application (module docstring)."""
@@ -210,26 +256,34 @@ class MoE(nnx.Module):
 
 class RoutedFFNs:
   """Builds the FFN of each unique layer, in layer order (None: the dense SwiGLU), with what the
-  routed ones share: RMoE's GRU cell, one per model, made with the first MoE layer and reachable
-  from every layer's router (one parameter, its gradients summed over the layers)."""
+  routed ones share, each made with the first layer that needs it and held by every user (one
+  parameter, its gradients summed over the layers): RMoE's GRU cell, one per model; ReXMoE's
+  ExpertPool, one per group of r consecutive MoE layers."""
 
   def __init__(self, m: mlc.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
     self.m, self.kw = m, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.gru = None
+    self.gru, self.pool, self.built = None, None, 0
 
   def __call__(self, layer: int) -> MoE | None:
     if not is_moe_layer(self.m, layer):
       return None
-    c = self.m.moe
+    m, c, kw = self.m, self.m.moe, self.kw
     if c.router == "gru" and self.gru is None:
-      self.gru = routers.GRUCell(c.gru_dim, param_dtype=self.kw["param_dtype"],
-                                 rngs=self.kw["rngs"])
-    return MoE(self.m, **self.kw, gru=self.gru)
+      self.gru = routers.GRUCell(c.gru_dim, param_dtype=kw["param_dtype"], rngs=kw["rngs"])
+    member = self.built % c.rex_group
+    self.built += 1
+    if c.rex_group == 1:
+      return MoE(m, **kw, gru=self.gru)
+    if member == 0:
+      self.pool = ExpertPool(num_candidates(m), m.d_model, expert_d_ff(m), std=m.init_std,
+                             param_dtype=kw["param_dtype"], rngs=kw["rngs"])
+    return MoE(m, **kw, gru=self.gru, pool=self.pool, member=member, layer=layer)
 
 
 def uses_step(m: mlc.ConfigDict) -> bool:
-  """Whether a routed layer reads the optimizer step from the carry (layers.Carry.step)."""
-  return False
+  """Whether a routed layer reads the optimizer step from the carry (ReXMoE's PSR)."""
+  c = m.moe
+  return c.num_experts > 0 and c.rex_group > 1 and c.psr
 
 
 def add_aux(parts: list[dict]) -> dict:
