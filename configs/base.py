@@ -88,10 +88,12 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.moe.renormalize = True  # divide the top-k weights by their sum (Mixtral, DeepSeek-V3)
   c.model.moe.capacity_factor = 0.0  # 0: dropless; f > 0: ceil(T k / E) f slots/expert/row, drop
   c.model.moe.balance_coeff = 0.01  # Switch load-balancing loss E sum_e f_e P_e (1 when balanced)
+  c.model.moe.balance_scope = "batch"  # batch (Switch) | sequence (per-row mean: DeepSeek seq_aux)
   c.model.moe.z_coeff = 0.0  # router z-loss mean(logsumexp(logits)^2) weight (ST-MoE: 1e-3)
   c.model.moe.first_dense = 0  # the first layers keep the dense FFN (DeepSeek first_k_dense)
   c.model.moe.every = 1  # routed FFN where (layer + 1) % every == 0 (1: every layer)
-  c.model.moe.impl = "ragged"  # ragged (sort + lax.ragged_dot) | dense (all experts, reference)
+  c.model.moe.impl = "ragged"  # ragged (sort + grouped matmuls) | dense (all experts, reference)
+  c.model.moe.gmm = "xla"  # ragged grouped matmul: xla (lax.ragged_dot) | pallas | reference
   c.model.moe.router = "linear"  # linear x W_r | gru: RMoE, h_i = GRU(x_i Proj_i, h_{i-1}) G_i
   c.model.moe.gru_dim = 128  # gru: GRU hidden size p (RMoE recommends 128)
   c.model.moe.gru_recurrence = "full"  # gru: full | detach (stop grad of h_{i-1}) | none (h = 0)
@@ -99,6 +101,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.moe.psr = False  # ReXMoE Progressive Scaling Routing: routable pool N -> r N (Eq. 6)
   c.model.moe.psr_start = 0  # PSR t_s: only the layer's own E experts up to this step
   c.model.moe.psr_end = 1000  # PSR t_e: all r E experts routable from this step
+  # Chain-of-Experts (shared/specs/rrt_coe_rmoe_rexmoe.md §2; docs/moe.md): the routed FFN run
+  # `iterations` times over the same experts, one router per iteration, top_k per iteration.
+  c.model.moe.iterations = 1  # C (1: plain MoE)
+  c.model.moe.coe_residual = "outer"  # outer: block residual only | inner (CoE code) | inner_outer
+  c.model.moe.coe_shared_router = False  # one router for every iteration (code use_igate=False)
 
   c.data = mlc.ConfigDict()
   c.data.source = "embedded"  # embedded | jsonl | parquet | arrayrecord

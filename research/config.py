@@ -10,6 +10,7 @@ import os
 
 import ml_collections as mlc
 
+from research.kernels import dispatch
 from research.model import moe, recursion, routers
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -148,20 +149,33 @@ def validate_mor(cfg: mlc.ConfigDict) -> None:
 
 
 def validate_moe(cfg: mlc.ConfigDict) -> None:
-  """Routed Mixture-of-Experts (docs/moe.md)."""
+  """Routed Mixture-of-Experts and Chain-of-Experts (docs/moe.md)."""
   m, c = cfg.model, cfg.model.moe
   _check(c.num_experts >= 0, "model.moe.num_experts", c.num_experts, "must be >= 0 (0: dense)")
+  _positive(cfg, "model.moe.iterations")
   if c.num_experts == 0:
+    _check(c.iterations == 1, "model.moe.iterations", c.iterations,
+           "Chain-of-Experts iterates the routed FFN: needs config.model.moe.num_experts > 0")
     return
   _check(1 <= c.top_k <= c.num_experts, "model.moe.top_k", c.top_k,
          f"must lie in [1, config.model.moe.num_experts={c.num_experts}]")
   _check(c.d_ff == -1 or c.d_ff > 0, "model.moe.d_ff", c.d_ff, "must be > 0, or -1 (model.d_ff)")
   _one_of(cfg, "model.moe.score", ("softmax", "sigmoid"))
   _one_of(cfg, "model.moe.impl", ("ragged", "dense"))
+  _one_of(cfg, "model.moe.gmm", dispatch.GMM_IMPLS)
   _one_of(cfg, "model.moe.router", ("linear", "gru"))
   if c.router == "gru":
     _positive(cfg, "model.moe.gru_dim")
     _one_of(cfg, "model.moe.gru_recurrence", routers.RECURRENCE)
+    _check(c.iterations == 1, "model.moe.router", c.router,
+           f"with config.model.moe.iterations={c.iterations}: Chain-of-Experts with RMoE's "
+           "recurrent router (one GRU step per layer, or per iteration?) is not implemented; "
+           "use router='linear' or iterations=1")
+  _one_of(cfg, "model.moe.balance_scope", ("batch", "sequence"))
+  _one_of(cfg, "model.moe.coe_residual", ("outer", "inner", "inner_outer"))
+  if c.coe_shared_router:
+    _check(c.iterations > 1, "model.moe.coe_shared_router", True,
+           "shares one router across iterations: needs config.model.moe.iterations > 1")
   for key in ("num_shared_experts", "capacity_factor", "balance_coeff", "z_coeff",
               "first_dense"):
     _check(c[key] >= 0, f"model.moe.{key}", c[key], "must be >= 0")

@@ -1,7 +1,8 @@
 """Pure routing functions of Mixture-of-Recursions (shared/specs/mor.md §2): capacities, top-k over
 the tokens of a row, gather/scatter of rows, gates, auxiliary losses and the loss-free bias; and of
 token-choice Mixture-of-Experts (docs/moe.md): expert scores, top-k experts per token, per-row
-expert capacity, sort by expert / unsort with a gather-only backward, group sizes.
+expert capacity, sort by expert / unsort with a gather-only backward, group sizes, the
+per-sequence balance loss.
 
 Routing runs per packed row and never across rows. Capacities are measured against the row length
 T as in the paper (§2.2: k_r = max(1, floor(c_r T))), so k_r is static. Padding (segment 0) never
@@ -184,6 +185,15 @@ def balancing_loss(probs_BTN: Array, choice_BT: Array, valid_BT: Array) -> Array
   n = probs_BTN.shape[-1]
   p_N = jnp.sum(probs_BTN * valid_BT[..., None], axis=(0, 1)) / jnp.maximum(jnp.sum(valid_BT), 1)
   return jnp.sum(n * load(choice_BT, valid_BT, n) * p_N)
+
+
+def sequence_balancing_loss(probs_BTN: Array, choice_BTK: Array, valid_BT: Array) -> Array:
+  """`balancing_loss` of each row, averaged over the rows holding a valid token: DeepSeek-V2's
+  seq_aux, mean_b sum_e ce_be P_be with ce_be = count_be / (T K / E) (the CoE code's gate; spec
+  rrt_coe_rmoe_rexmoe.md §2.1); 1 when every row is balanced."""
+  per_row = jax.vmap(lambda p, c, v: balancing_loss(p[None], c[None], v[None]))
+  has_B = jnp.any(valid_BT, axis=1)
+  return jnp.sum(per_row(probs_BTN, choice_BTK, valid_BT) * has_B) / jnp.maximum(jnp.sum(has_B), 1)
 
 
 def loss_free_bias(bias_N: Array, load_N: Array, rate: float) -> Array:

@@ -219,3 +219,29 @@ def test_active_flops_equal_the_plain_moe_but_the_router():
 def test_config_errors_name_the_key(moe_keys, key):
   with pytest.raises(config_lib.ConfigError, match=re.escape(key)):
     rex_config(**moe_keys)
+
+
+def test_chain_of_experts_over_the_group_pool():
+  """CoE x ReXMoE: iteration t of a layer routes x^(t-1) by its router t over the group's r E
+  pooled experts under the layer's PSR mask of the step; the model equals that loop (inner_outer
+  wiring), and the counts take C routers of d r E and C expert passes."""
+  cfg = rex_config(iterations=2, coe_residual="inner_outer", psr=True, psr_start=0, psr_end=4)
+  model = build(cfg)
+  model.step_counter[...] = 2
+  rows = jnp.broadcast_to(jnp.arange(T), (2, T))
+  tok, valid_BT = Tokens(rows, jnp.ones_like(TOKENS), rows), jnp.ones((2, T), bool)
+  x_BTD = model.embed(TOKENS)
+  for block in model.core.blocks:
+    ffn = block.ffn
+    assert ffn.router.w1.shape == (2, 32, R * E)
+    x_BTD = x_BTD + block.attn(block.attn_norm(x_BTD), tok)
+    chain_BTD, keep_E = block.ffn_norm(x_BTD), ffn.psr_mask(jnp.int32(2))
+    for t in range(2):
+      r = ffn.route(chain_BTD, valid_BT, t, keep_E=keep_E)
+      assert bool(jnp.all(keep_E[r.experts]))
+      chain_BTD = chain_BTD + moe.IMPLS[ffn.impl](chain_BTD, *pool_weights(ffn), r)
+    x_BTD = x_BTD + chain_BTD
+  np.testing.assert_allclose(model(TOKENS)[0], model.logits(x_BTD), atol=1e-5)
+  emb = cfg.model.vocab_size * cfg.model.d_model * (1 if cfg.model.tie_embeddings else 2)
+  assert count(model) == recursion.non_embedding_params(cfg.model) + emb
+  assert flops.ffn_flops(cfg.model, True) == 2 * flops.ffn_flops(rex_config().model, True)

@@ -67,7 +67,7 @@ def loop_forward(model, tokens_BT):
     h_BTP = gru_by_hand(ffn.router.gru, u_BTD @ ffn.router.proj[...], h_BTP)
     logits_BTE = h_BTP @ ffn.router.gate[...]
     router_logits.append(logits_BTE)
-    x_BTD = x_BTD + ffn.routed_experts(u_BTD, ffn.route(u_BTD, valid_BT, logits_BTE))
+    x_BTD = x_BTD + ffn.routed_experts(u_BTD, ffn.route(u_BTD, valid_BT, logits_BTE=logits_BTE))
   return model.logits(x_BTD), router_logits
 
 
@@ -224,3 +224,9 @@ def test_decoding_refuses_the_recurrent_router(model):
 def test_config_errors_name_the_key(moe_keys, key):
   with pytest.raises(config_lib.ConfigError, match=re.escape(key)):
     tiny_config(moe=dict(dict(num_experts=E, top_k=2), **moe_keys))
+
+
+def test_chain_of_experts_with_the_recurrent_router_is_refused():
+  """CoE iterations with RMoE's GRU router are not implemented: validation names both keys."""
+  with pytest.raises(config_lib.ConfigError, match=r"model\.moe\.router.*model\.moe\.iterations"):
+    tiny_config(moe=dict(num_experts=E, top_k=2, router="gru", iterations=2))

@@ -279,7 +279,9 @@ class Block(nnx.Module):
   """Pre-norm decoder layer: h += attn(norm(h)); h += ffn(norm(h)).
 
   The FFN slot holds the dense SwiGLU (default) or a routed FFN passed as `ffn` (moe.MoE), called
-  as ffn.forward(x, valid_BT, carry) -> (y, aux, carry) with valid_BT False at padding.
+  as ffn.forward(x, valid_BT, carry) -> (y, aux, carry) with valid_BT False at padding; the block
+  adds y to its input only if `ffn.outer_residual` (False for Chain-of-Experts' "inner" wiring,
+  whose output is norm(h) + the updates: docs/moe.md).
   """
 
   def __init__(self, cfg: mlc.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs,
@@ -306,7 +308,6 @@ class Block(nnx.Module):
     x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD, attn_scale), tok, lora, attend)
     h_BTD = self.ffn_norm(x_BTD, ffn_scale)
     if isinstance(self.ffn, SwiGLU):
-      y_BTD, aux = self.ffn(h_BTD, lora), {}
-    else:
-      y_BTD, aux, carry = self.ffn.forward(h_BTD, tok.segments != 0, carry)
-    return constrain_activations(x_BTD + y_BTD), aux, carry
+      return constrain_activations(x_BTD + self.ffn(h_BTD, lora)), {}, carry
+    y_BTD, aux, carry = self.ffn.forward(h_BTD, tok.segments != 0, carry)
+    return constrain_activations(x_BTD + y_BTD if self.ffn.outer_residual else y_BTD), aux, carry

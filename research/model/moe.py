@@ -14,10 +14,18 @@ carries the token). impl "dense" runs every expert on every token and masks the 
 reference); "ragged" sorts the assignments by expert and runs jax.lax.ragged_dot grouped matmuls,
 then unsorts and sums with the gates. Both give the same values and gradients (tests/test_moe.py).
 
-Seams for the variants (shared/specs/rrt_coe_rmoe_rexmoe.md): `route` and `routed_experts` are
-separate, so Chain-of-Experts reuses the expert weights with one router per iteration
-(routers.Router stacks them), RMoE feeds other router logits, and ReXMoE passes a group's pooled
-expert weights to `routed_experts`.
+Chain-of-Experts (Wang et al. 2025, shared/specs/rrt_coe_rmoe_rexmoe.md §2.1; docs/moe.md) is
+the same layer iterated C = `iterations` times over the SAME experts, iteration t routed by its own
+router t (routers.Router stacks C of them; one with coe_shared_router), top-k per iteration, the
+shared experts run at every iteration:
+
+  x^(0) = x,   x^(t) = [x^(t-1) +] MoE_t(x^(t-1)),   y = x^(C)
+
+with the residual between iterations ("[x^(t-1) +]") and the block's own residual (Block adds its
+input unless `outer_residual` is False) chosen by coe_residual, as the official code's flags
+(inner_residual, outer_residual): "outer" (F, T) = the standard pre-norm block (plain MoE at C=1),
+"inner" (T, F: the code's default, so the block's output is norm(h) + sum of the updates),
+"inner_outer" (T, T).
 
 RMoE (Qiu et al. 2024, spec §3; model.moe.router="gru"): the logits of MoE layer i come from
 routers.RecurrentRouter, h_i = GRU(x_i Proj_i, h_{i-1}), logits = h_i G_i, with one GRU cell for
@@ -31,11 +39,16 @@ Routing (model.moe.psr, §4.2) zeroes the scores of all but N_t candidates (Eq. 
 the layer's own experts first, the rest drawn per step and layer from the training step in the
 carry.
 
-Aux of one MoE application (summed over the model's layers by `add_aux`, then averaged by
-`mean_over_layers`): "loss/moe_balance" =
-balance_coeff * E sum_e f_e P_e, "loss/moe_z" = z_coeff * mean logsumexp(logits)^2, and the
-statistics "moe/balance", "moe/z", "moe/load" [E] (fraction of assignments per expert),
-"moe/max_violation", "moe/dropped" (fraction of assignments past capacity), "moe/layers" (1).
+CoE combines with ReXMoE (iteration t's router scores the group's r E pooled experts, under the
+layer's PSR mask of the step) but not with RMoE (config.py refuses router="gru" with C > 1).
+
+Aux of one gate call: "loss/moe_balance" = balance_coeff * B with B = E sum_e f_e P_e over the
+batch, or its mean over rows (balance_scope="sequence", DeepSeek's seq_aux), "loss/moe_z" =
+z_coeff * mean logsumexp(logits)^2, and the statistics "moe/balance", "moe/z", "moe/load" [E]
+(fraction of assignments per expert), "moe/max_violation", "moe/dropped" (fraction of assignments
+past capacity), "moe/layers" (1). A CoE layer sums its C gate calls' losses (the official code adds
+every gate call's loss) and averages their statistics (`iteration_aux`), one application; the
+model sums layers with `add_aux` and averages them with `mean_over_layers`.
 """
 
 from typing import NamedTuple
@@ -46,6 +59,7 @@ import ml_collections as mlc
 from flax import nnx
 
 from research import routing
+from research.kernels import dispatch
 from research.model import routers
 from research.model.layers import NO_CARRY, Carry, SwiGLU, normal_init
 
@@ -74,9 +88,12 @@ PSR_SEED = 0  # PSR masks: key fold_in(fold_in(key(PSR_SEED), step), layer), rep
 
 
 def router_params(m: mlc.ConfigDict) -> int:
-  """Router parameters of one routed layer: W_r d E (linear), or RMoE's Proj_i d p + G_i p E."""
+  """Router parameters of one routed layer: W_r d E (linear; one per CoE iteration unless
+  coe_shared_router), or RMoE's Proj_i d p + G_i p E."""
   c, e = m.moe, num_candidates(m)
-  return m.d_model * e if c.router == "linear" else (m.d_model + e) * c.gru_dim
+  if c.router == "gru":
+    return (m.d_model + e) * c.gru_dim
+  return (1 if c.coe_shared_router else c.iterations) * m.d_model * e
 
 
 def shared_router_params(m: mlc.ConfigDict) -> int:
@@ -86,8 +103,8 @@ def shared_router_params(m: mlc.ConfigDict) -> int:
 
 
 def router_macs(m: mlc.ConfigDict) -> int:
-  """Multiply-adds per token of one routed layer's router: d E, or d p + 6 p^2 + p E (RMoE: Proj_i,
-  the GRU's six p x p maps, G_i)."""
+  """Multiply-adds per token of one routed layer's router call (one per CoE iteration): d E, or
+  d p + 6 p^2 + p E (RMoE: Proj_i, the GRU's six p x p maps, G_i)."""
   c, e = m.moe, num_candidates(m)
   if c.router == "linear":
     return m.d_model * e
@@ -116,17 +133,18 @@ def dense_experts(x_BTD: Array, w_gate_EDF: Array, w_up_EDF: Array, w_down_EFD: 
 
 
 def ragged_experts(x_BTD: Array, w_gate_EDF: Array, w_up_EDF: Array, w_down_EFD: Array,
-                   r: Routing) -> Array:
+                   r: Routing, gmm: str = "xla") -> Array:
   """Sorted path: the N k assignments sorted by expert (dropped ones last, outside every group),
-  three ragged_dot grouped matmuls, unsorted and summed over k with the gates (MaxText
-  sparse_matmul with jax.lax.ragged_dot)."""
+  three grouped matmuls (`gmm`: research/kernels/dispatch.py, "xla" = jax.lax.ragged_dot),
+  unsorted and summed over k with the gates (MaxText sparse_matmul)."""
+  grouped_matmul = dispatch.grouped_matmul_fn(gmm)
   b, t, d = x_BTD.shape
   k, num_experts = r.experts.shape[-1], w_gate_EDF.shape[0]
   perm_M, sizes_E = routing.sort_by_expert(r.experts.reshape(-1), r.keep.reshape(-1), num_experts)
   x_MD = routing.permute_rows(jnp.repeat(x_BTD.reshape(b * t, d), k, axis=0), perm_M)
-  h_MF = (jax.nn.silu(jax.lax.ragged_dot(x_MD, w_gate_EDF, sizes_E))
-          * jax.lax.ragged_dot(x_MD, w_up_EDF, sizes_E))
-  y_MD = jax.lax.ragged_dot(h_MF, w_down_EFD, sizes_E)
+  h_MF = (jax.nn.silu(grouped_matmul(x_MD, w_gate_EDF, sizes_E))
+          * grouped_matmul(x_MD, w_up_EDF, sizes_E))
+  y_MD = grouped_matmul(h_MF, w_down_EFD, sizes_E)
   y_NKD = routing.permute_rows(y_MD, routing.inverse_permutation(perm_M)).reshape(b * t, k, d)
   y_ND = jnp.einsum("nk,nkd->nd", r.weights.reshape(b * t, k).astype(y_NKD.dtype), y_NKD)
   return y_ND.reshape(b, t, d)
@@ -164,12 +182,13 @@ class MoE(nnx.Module):
                member: int = 0, layer: int = 0):
     c = m.moe
     e, d, f = num_candidates(m), m.d_model, expert_d_ff(m)
-    if c.router == "gru":  # RMoE: `gru` is the model's one cell (RoutedFFNs)
+    self.iterations, self.shared_router = c.iterations, c.coe_shared_router
+    if c.router == "gru":  # RMoE: `gru` is the model's one cell (RoutedFFNs); C = 1 (config.py)
       self.router = routers.RecurrentRouter(d, c.gru_dim, e, gru, recurrence=c.gru_recurrence,
                                             std=m.init_std, param_dtype=param_dtype, rngs=rngs)
     else:
-      self.router = routers.Router(1, d, e, "linear", std=m.init_std, param_dtype=param_dtype,
-                                   rngs=rngs)
+      self.router = routers.Router(1 if c.coe_shared_router else c.iterations, d, e, "linear",
+                                   std=m.init_std, param_dtype=param_dtype, rngs=rngs)
     self.pool = pool  # ReXMoE: the group's experts; else the layer's own below
     if pool is None:
       self.gate_proj, self.up_proj, self.down_proj = stacked_experts(
@@ -182,15 +201,20 @@ class MoE(nnx.Module):
     self.dtype = dtype
     self.top_k, self.score, self.renormalize = c.top_k, c.score, c.renormalize
     self.capacity_factor, self.impl = c.capacity_factor, c.impl
+    self.gmm = c.gmm
     self.balance_coeff, self.z_coeff = c.balance_coeff, c.z_coeff
+    self.balance_scope = c.balance_scope
+    self.inner_residual = c.coe_residual in ("inner", "inner_outer")
+    self.outer_residual = c.coe_residual in ("outer", "inner_outer")  # read by Block
 
-  def route(self, x_BTD: Array, valid_BT: Array, logits_BTE: Array | None = None,
+  def route(self, x_BTD: Array, valid_BT: Array, t: int = 0, *, logits_BTE: Array | None = None,
             keep_E: Array | None = None) -> Routing:
-    """Router logits, top-k gates and the capacity mask of the valid (non-padding) tokens.
+    """Router logits, top-k gates and the capacity mask of the valid (non-padding) tokens, by the
+    router of iteration t (CoE: e_t of spec §2.1; router 0 for all t with coe_shared_router).
     `logits_BTE` replaces the linear router's (RMoE's recurrent router, `forward`); scores are 0
     where `keep_E` is False (ReXMoE's PSR mask, `psr_mask`), before the top-k."""
     if logits_BTE is None:
-      logits_BTE = self.router(x_BTD, 0)
+      logits_BTE = self.router(x_BTD, 0 if self.shared_router else t)
     scores_BTE = routing.expert_scores(logits_BTE, self.score)
     if keep_E is not None:
       scores_BTE = jnp.where(keep_E, scores_BTE, 0.0)
@@ -207,28 +231,43 @@ class MoE(nnx.Module):
     """sum_i w_i E_{e_i}(x) through the configured implementation."""
     own = self if self.pool is None else self.pool
     weights = (own.gate_proj[...], own.up_proj[...], own.down_proj[...])
-    return IMPLS[self.impl](x_BTD, *(w.astype(self.dtype) for w in weights), r)
+    kernel = {"gmm": self.gmm} if self.impl == "ragged" else {}
+    return IMPLS[self.impl](x_BTD, *(w.astype(self.dtype) for w in weights), r, **kernel)
 
   def __call__(self, x_BTD: Array, valid_BT: Array | None = None) -> tuple[Array, dict]:
-    """(y_BTD, aux); `valid_BT` False at padding, which takes no capacity and no statistics."""
+    """(y_BTD, aux); `valid_BT` False at padding, which takes no capacity and no statistics.
+    With C = 1 and no inner residual, y = MoE(x)."""
     return self.forward(x_BTD, valid_BT)[:2]
 
   def forward(self, x_BTD: Array, valid_BT: Array | None = None, carry: Carry = NO_CARRY
               ) -> tuple[Array, dict, Carry]:
     """(y_BTD, aux, carry): a recurrent router reads h_{i-1} from the carry and puts h_i there;
-    a linear one passes the carry on."""
+    a linear one passes the carry on. The CoE chain (`iterate`) of C >= 1 iterations."""
     if valid_BT is None:
       valid_BT = jnp.ones(x_BTD.shape[:2], bool)
     logits_BTE = None
-    if isinstance(self.router, routers.RecurrentRouter):
+    if isinstance(self.router, routers.RecurrentRouter):  # C = 1 (config.py)
       logits_BTE, h_BTP = self.router(x_BTD, carry.router)
       carry = carry._replace(router=h_BTP)
     keep_E = None if self.psr is None or carry.step is None else self.psr_mask(carry.step)
-    r = self.route(x_BTD, valid_BT, logits_BTE, keep_E)
-    y_BTD = self.routed_experts(x_BTD, r)
-    if self.shared is not None:
-      y_BTD = y_BTD + self.shared(x_BTD)
-    return y_BTD.astype(x_BTD.dtype), self.aux(r, valid_BT), carry
+    y_BTD, rs = self.iterate(x_BTD, valid_BT, logits_BTE=logits_BTE, keep_E=keep_E)
+    return y_BTD, iteration_aux([self.aux(r, valid_BT) for r in rs]), carry
+
+  def iterate(self, x_BTD: Array, valid_BT: Array, *, logits_BTE: Array | None = None,
+              keep_E: Array | None = None) -> tuple[Array, list[Routing]]:
+    """x^(C) of the chain x^(t) = [x^(t-1) +] MoE_t(x^(t-1)) (CoE, spec §2.1; the bracket with
+    the inner residual) and the routing of each iteration; `logits_BTE` (RMoE, C = 1) and
+    `keep_E` (ReXMoE's PSR mask, the same at every iteration) as in `route`."""
+    rs = []
+    for t in range(self.iterations):
+      r = self.route(x_BTD, valid_BT, t, logits_BTE=logits_BTE, keep_E=keep_E)
+      y_BTD = self.routed_experts(x_BTD, r)
+      if self.shared is not None:  # every iteration, on x^(t-1) (the official CoeMoE.forward)
+        y_BTD = y_BTD + self.shared(x_BTD)
+      y_BTD = y_BTD.astype(x_BTD.dtype)
+      x_BTD = x_BTD + y_BTD if self.inner_residual else y_BTD
+      rs.append(r)
+    return x_BTD, rs
 
   def psr_mask(self, step: Array) -> Array:
     """ReXMoE PSR at optimizer step `step`: N_t of the r E candidates routable (Eq. 6), the
@@ -243,7 +282,10 @@ class MoE(nnx.Module):
     num_experts = r.logits.shape[-1]
     probs_BTE = routing.expert_scores(r.logits, self.score)
     probs_BTE = probs_BTE / jnp.sum(probs_BTE, axis=-1, keepdims=True)  # sigmoid: DeepSeek-V3
-    balance = routing.balancing_loss(probs_BTE, r.experts, valid_BT)
+    if self.balance_scope == "sequence":
+      balance = routing.sequence_balancing_loss(probs_BTE, r.experts, valid_BT)
+    else:
+      balance = routing.balancing_loss(probs_BTE, r.experts, valid_BT)
     z = routing.z_loss(r.logits, valid_BT)
     load_E = routing.load(r.experts, valid_BT, num_experts)
     assigned_BTK = jnp.broadcast_to(valid_BT[..., None], r.keep.shape)
@@ -284,6 +326,13 @@ def uses_step(m: mlc.ConfigDict) -> bool:
   """Whether a routed layer reads the optimizer step from the carry (ReXMoE's PSR)."""
   c = m.moe
   return c.num_experts > 0 and c.rex_group > 1 and c.psr
+
+
+def iteration_aux(gate_calls: list[dict]) -> dict:
+  """One layer's aux from the aux of its C gate calls (CoE): the losses summed, as the official
+  code adds the loss of every gate call (spec §2.1), the statistics averaged ("moe/layers" = 1)."""
+  total = add_aux(gate_calls)
+  return {k: v if k.startswith("loss/") else v / len(gate_calls) for k, v in total.items()}
 
 
 def add_aux(parts: list[dict]) -> dict:

@@ -226,8 +226,9 @@ class Recursion(nnx.Module):
 
 
 def non_embedding_params(m: mlc.ConfigDict) -> int:
-  """Unique non-embedding parameters: prelude + shared + coda layers (a routed FFN: router, all E
-experts and the shared ones; RMoE's one GRU cell), LoRAs, untied/final norms.
+  """Unique non-embedding parameters: prelude + shared + coda layers (a routed FFN: its router, one
+  per CoE iteration unless shared, all E experts and the shared ones; RMoE's one GRU cell), LoRAs,
+  untied/final norms.
 
   Reproduces the papers' counts (tested): MoR 360M middle-cycle Nr=2/3/4 = 167M/118M/98M, RRT
   Gemma-2B cycle B=2 with ranks 64..512 = 1.07/1.15/1.30/1.60B.

@@ -4,7 +4,8 @@
 SwiGLU, LM head, MoR routers) at 2 FLOPs per MAC, causal attention at its useful half (QK^T and AV
 over T/2 keys on average), forward + backward = 3 x forward. Embedding lookups, norms and softmax
 are free. A routed (MoE) FFN counts its router and the experts it runs: top k + shared (all E
-for impl="dense"; dropped assignments still count, an upper bound with capacity). A MoR core
+for impl="dense"; dropped assignments still count, an upper bound with capacity), C times for
+Chain-of-Experts (the inner residual adds are free). A MoR core
 counts what its implementation really computes: the gathered tokens of each step (k_r for expert
 choice, the slots for token choice), or the full length for impl="masked".
 
@@ -24,13 +25,15 @@ from research.model import moe, mor, recursion, routers
 def ffn_flops(m: mlc.ConfigDict, routed: bool, *, active: bool = False) -> float:
   """Forward FLOPs per token of a block's FFN: the dense SwiGLU 3 d F, or a routed FFN's router
   (moe.router_macs: d E, or RMoE's d p + 6 p^2 + p E) plus 3 d F_e per expert run: its top k (all
-  E, ReXMoE's r E, for impl="dense", unless `active`) and the shared experts."""
+  E, ReXMoE's r E, for impl="dense", unless `active`) and the shared experts, once per
+  Chain-of-Experts iteration (C router calls, C x the experts)."""
   d = m.d_model
   if not routed:
     return 2.0 * 3 * d * m.d_ff
   c = m.moe
   run = c.top_k if active or c.impl != "dense" else moe.num_candidates(m)
-  return 2.0 * (moe.router_macs(m) + 3 * d * moe.expert_d_ff(m) * (run + c.num_shared_experts))
+  per_iteration = moe.router_macs(m) + 3 * d * moe.expert_d_ff(m) * (run + c.num_shared_experts)
+  return 2.0 * c.iterations * per_iteration
 
 
 def routed_depths(m: mlc.ConfigDict) -> tuple[bool, ...]:
@@ -114,7 +117,8 @@ def train_flops_per_token(m: mlc.ConfigDict, seq_len: int) -> float:
 
 def paper_flops_per_token(m: mlc.ConfigDict, seq_len: int) -> float:
   """MoR App. D: L * (2 (4 d^2 + 3 d d_ff) + 2 d T), forward only; MoR steps as in §4.3. A routed
-  FFN counts its active experts (ffn_flops with active=True) in place of 3 d d_ff."""
+  FFN counts its active experts and router (ffn_flops with active=True; C times for CoE) in place
+  of 3 d d_ff."""
   d = m.d_model
   linear = 2.0 * (4 * d * d + 3 * d * m.d_ff)
   attn = 2.0 * d * seq_len

@@ -1,0 +1,2 @@
+"""Kernels with their references; research.kernels.dispatch picks the implementation
+(docs/kernels.md)."""
