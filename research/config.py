@@ -11,7 +11,7 @@ import os
 import ml_collections as mlc
 
 from research.kernels import dispatch
-from research.model import moe, recursion
+from research.model import moe, recursion, routers
 
 DTYPES = ("auto", "float32", "bfloat16")
 RECURSIVE_INITS = ("stepwise", "average", "lower", "random")  # RRT §2.2 (docs/rrt.md)
@@ -163,6 +163,14 @@ def validate_moe(cfg: mlc.ConfigDict) -> None:
   _one_of(cfg, "model.moe.score", ("softmax", "sigmoid"))
   _one_of(cfg, "model.moe.impl", ("ragged", "dense"))
   _one_of(cfg, "model.moe.gmm", dispatch.GMM_IMPLS)
+  _one_of(cfg, "model.moe.router", ("linear", "gru"))
+  if c.router == "gru":
+    _positive(cfg, "model.moe.gru_dim")
+    _one_of(cfg, "model.moe.gru_recurrence", routers.RECURRENCE)
+    _check(c.iterations == 1, "model.moe.router", c.router,
+           f"with config.model.moe.iterations={c.iterations}: Chain-of-Experts with RMoE's "
+           "recurrent router (one GRU step per layer, or per iteration?) is not implemented; "
+           "use router='linear' or iterations=1")
   _one_of(cfg, "model.moe.balance_scope", ("batch", "sequence"))
   _one_of(cfg, "model.moe.coe_residual", ("outer", "inner", "inner_outer"))
   if c.coe_shared_router:
@@ -179,6 +187,13 @@ def validate_moe(cfg: mlc.ConfigDict) -> None:
   routed = [layer for layer in range(unique) if moe.is_moe_layer(m, layer)]
   _check(bool(routed), "model.moe.first_dense", c.first_dense,
          f"with config.model.moe.every={c.every} no layer of the {unique} unique layers is MoE")
+  _positive(cfg, "model.moe.rex_group")
+  _check(len(routed) % c.rex_group == 0, "model.moe.rex_group", c.rex_group,
+         f"must divide the {len(routed)} MoE layers (ReXMoE groups of adjacent MoE layers)")
+  if c.rex_group > 1 and c.psr:
+    _check(c.psr_start >= 0, "model.moe.psr_start", c.psr_start, "must be >= 0")
+    _check(c.psr_end > c.psr_start, "model.moe.psr_end", c.psr_end,
+           f"must be > config.model.moe.psr_start={c.psr_start}")
   if any(plan.prelude <= layer < plan.prelude + plan.num_shared for layer in routed):
     r = m.recursion
     ffn_rank = r.lora_rank if r.lora_rank_ffn == -1 else r.lora_rank_ffn

@@ -275,3 +275,20 @@ def _permute_bwd(perm_M: Array, g_MD: Array) -> tuple[Array, None]:
 
 
 permute_rows.defvjp(_permute_fwd, _permute_bwd)
+
+
+def psr_num_candidates(step: Array, num_local: int, group: int, start: int, end: int) -> Array:
+  """ReXMoE Progressive Scaling Routing, Eq. 6: N_t = N for t <= t_s, floor((1 + (r - 1)(t - t_s)
+  / (t_e - t_s)) N) between, r N from t_e on; in integers, N + floor((r - 1) N (t - t_s) /
+  (t_e - t_s))."""
+  t = jnp.clip(step, start, end) - start
+  return num_local + ((group - 1) * num_local * t) // (end - start)
+
+
+def psr_mask(key: Array, num_kept: Array, num_local: int, member: int, group: int) -> Array:
+  """Local-first PSR mask [r N]: True at the layer's own N candidates (member's block) and at
+  num_kept - N of the others, drawn uniformly without replacement from `key`."""
+  n = num_local * group
+  local_N = jnp.arange(n) // num_local == member
+  u_N = jnp.where(local_N, -1.0, jax.random.uniform(key, (n,)))
+  return jnp.argsort(jnp.argsort(u_N)) < num_kept

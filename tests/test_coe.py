@@ -443,7 +443,7 @@ def test_the_coe_preset_mirrors_the_paper_at_tiny_scale():
     model = nnx.eval_shape(lambda: LanguageModel(cfg.model, rngs=nnx.Rngs(0)))
   assert model.core.blocks[0].ffn.router.w1.shape == (2, 256, 15)
   for arg, needle in [("tiny,coe=3", "C=3 must divide 4"), ("tiny,coe=x", "'coe=x' is not"),
-                      ("tiny,moe", "'moe' is not")]:
+                      ("tiny,moe=2", "'moe=2' is not"), ("tiny,coe,rmoe", "one variant")]:
     with pytest.raises(ValueError, match=needle):
       moe_config.get_config(arg)
 

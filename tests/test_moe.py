@@ -194,7 +194,7 @@ def test_dropped_tokens_add_zero_and_keep_their_residual():
 
   @nnx.jit
   def run(block, x_BTD, tok):
-    out_BTD, aux = block.forward(x_BTD, tok)
+    out_BTD, aux, _ = block.forward(x_BTD, tok)
     h_BTD = x_BTD + block.attn(block.attn_norm(x_BTD), tok)
     return out_BTD, aux, h_BTD, block.ffn.route(block.ffn_norm(h_BTD), jnp.ones((2, T), bool))
 
@@ -256,7 +256,7 @@ def test_aux_is_the_mean_over_moe_layers_and_exits_see_it_too():
     per_depth = []  # shared layer 1 (every=2) is the MoE one; it runs at depths 1 and 3
     for depth in range(4):
       block, lora, norms = model.core.at_depth(depth)
-      x_BTD, block_aux = block.forward(x_BTD, tok, lora, norms)
+      x_BTD, block_aux, _ = block.forward(x_BTD, tok, lora, norms)
       if block_aux:
         per_depth.append(block_aux["moe/balance"])
     return aux, exit_aux, per_depth

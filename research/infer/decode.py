@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.config import ConfigError
-from research.model import mor, recursion
+from research.model import mor, recursion, routers
 from research.model.layers import Attend, Tokens, constrain_activations, dot_product_attention
 from research.model.lm import LanguageModel
 
@@ -55,6 +55,11 @@ class Cache(NamedTuple):
 
 def check_supported(model: LanguageModel) -> None:
   """Raises ConfigError (a ValueError) naming the config key of a core decoding cannot run."""
+  if any(isinstance(node, routers.RecurrentRouter) for _, node in nnx.iter_graph(model)):
+    raise ConfigError("config.model.moe.router='gru': decoding does not carry the RMoE router "
+                      "state from block to block yet")
+  if model.step_counter is not None:
+    raise ConfigError("config.model.moe.psr=True: decoding does not apply the PSR mask yet")
   core = model.core
   if not isinstance(core, mor.MoR):
     return

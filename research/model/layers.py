@@ -35,6 +35,19 @@ class Tokens(NamedTuple):
     return Tokens(*(jnp.take_along_axis(a, idx_BK, axis=1) for a in self))
 
 
+class Carry(NamedTuple):
+  """What a block hands the next one next to the hidden states (shared/DESIGN.md): `router`, the
+  recurrent router's per-token state h_BTP (RMoE, routers.RecurrentRouter; None before the first
+  MoE layer, read as h_0 = 0), and `step`, the optimizer steps seen so far (ReXMoE's PSR schedule;
+  None when no layer needs it). Dense and linear-router MoE layers pass it on unchanged."""
+
+  router: Array | None = None
+  step: Array | None = None
+
+
+NO_CARRY = Carry()  # the carry entering the first block
+
+
 def normal_init(std: float, names: tuple[str | None, ...]):
   return nnx.with_partitioning(nnx.initializers.normal(std), names)
 
@@ -266,9 +279,9 @@ class Block(nnx.Module):
   """Pre-norm decoder layer: h += attn(norm(h)); h += ffn(norm(h)).
 
   The FFN slot holds the dense SwiGLU (default) or a routed FFN passed as `ffn` (moe.MoE), called
-  as ffn(x, valid_BT) -> (y, aux) with valid_BT False at padding; the block adds y to its input
-  only if `ffn.outer_residual` (False for Chain-of-Experts' "inner" wiring, whose output is
-  norm(h) + the updates: docs/moe.md).
+  as ffn.forward(x, valid_BT, carry) -> (y, aux, carry) with valid_BT False at padding; the block
+  adds y to its input only if `ffn.outer_residual` (False for Chain-of-Experts' "inner" wiring,
+  whose output is norm(h) + the updates: docs/moe.md).
   """
 
   def __init__(self, cfg: mlc.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs,
@@ -286,14 +299,15 @@ class Block(nnx.Module):
     return self.forward(x_BTD, tok, lora, norms, attend)[0]
 
   def forward(self, x_BTD: Array, tok: Tokens, lora: LoRA | None = None,
-              norms: tuple[Array, Array] | None = None, attend: Attend | None = None
-              ) -> tuple[Array, dict]:
-    """(output, aux of a routed FFN or {}). `lora`: this depth's LoRA pairs; `norms`: this depth's
-    (attn, ffn) norm scales; `attend`: replaces the self-attention (Attention.__call__)."""
+              norms: tuple[Array, Array] | None = None, attend: Attend | None = None,
+              carry: Carry = NO_CARRY) -> tuple[Array, dict, Carry]:
+    """(output, aux of a routed FFN or {}, carry). `lora`: this depth's LoRA pairs; `norms`: this
+    depth's (attn, ffn) norm scales; `attend`: replaces the self-attention (Attention.__call__);
+    `carry`: from the previous block (Carry)."""
     attn_scale, ffn_scale = (None, None) if norms is None else norms
     x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD, attn_scale), tok, lora, attend)
     h_BTD = self.ffn_norm(x_BTD, ffn_scale)
     if isinstance(self.ffn, SwiGLU):
-      return constrain_activations(x_BTD + self.ffn(h_BTD, lora)), {}
-    y_BTD, aux = self.ffn(h_BTD, tok.segments != 0)
-    return constrain_activations(x_BTD + y_BTD if self.ffn.outer_residual else y_BTD), aux
+      return constrain_activations(x_BTD + self.ffn(h_BTD, lora)), {}, carry
+    y_BTD, aux, carry = self.ffn.forward(h_BTD, tok.segments != 0, carry)
+    return constrain_activations(x_BTD + y_BTD if self.ffn.outer_residual else y_BTD), aux, carry

@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import ml_collections as mlc
 from flax import nnx
 
-from research.model import moe, mor, recursion
+from research.model import moe, mor, recursion, routers
 from research.model.layers import (
+    NO_CARRY,
     Block,
+    Carry,
     Embed,
     RMSNorm,
     Tokens,
@@ -39,18 +41,24 @@ class Stack(nnx.Module):
 
   def __call__(self, x_BTD: Array, tok: Tokens) -> tuple[Array, dict]:
     """(output, the blocks' aux summed by moe.add_aux)."""
+    return self.forward(x_BTD, tok)[:2]
+
+  def forward(self, x_BTD: Array, tok: Tokens, carry: Carry = NO_CARRY
+              ) -> tuple[Array, dict, Carry]:
+    """(output, summed aux, carry): the carry goes from block to block (layers.Carry)."""
     auxes = []
     for block in self.blocks:
-      x_BTD, aux = apply_block(block, x_BTD, tok, remat=self.remat)
+      x_BTD, aux, carry = apply_block(block, x_BTD, tok, carry, remat=self.remat)
       auxes.append(aux)
-    return x_BTD, moe.add_aux(auxes)
+    return x_BTD, moe.add_aux(auxes), carry
 
 
-def apply_block(block: Block, x_BTD: Array, tok: Tokens, *, remat: bool) -> tuple[Array, dict]:
-  """block.forward(x, tok), rematerialised in the backward pass when `remat`."""
+def apply_block(block: Block, x_BTD: Array, tok: Tokens, carry: Carry = NO_CARRY, *,
+                remat: bool) -> tuple[Array, dict, Carry]:
+  """block.forward(x, tok, carry=carry), rematerialised in the backward pass when `remat`."""
   if remat:
-    return nnx.remat(lambda blk, x, t: blk.forward(x, t))(block, x_BTD, tok)
-  return block.forward(x_BTD, tok)
+    return nnx.remat(lambda blk, x, t, c: blk.forward(x, t, carry=c))(block, x_BTD, tok, carry)
+  return block.forward(x_BTD, tok, carry=carry)
 
 
 class LanguageModel(nnx.Module):
@@ -64,11 +72,12 @@ class LanguageModel(nnx.Module):
                                cfg.recursion.num_recursions)
     remat = cfg.remat == "block"
 
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    routed_ffn = moe.RoutedFFNs(cfg, **kw)
+
     def blocks(first: int, n: int) -> list[Block]:
       """Unique layers first..first+n-1, routed where moe.is_moe_layer says so."""
-      kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-      return [Block(cfg, **kw, ffn=moe.MoE(cfg, **kw) if moe.is_moe_layer(cfg, i) else None)
-              for i in range(first, first + n)]
+      return [Block(cfg, **kw, ffn=routed_ffn(i)) for i in range(first, first + n)]
 
     self.prelude = Stack(blocks(0, plan.prelude), remat=remat)
     shared = blocks(plan.prelude, plan.num_shared)
@@ -87,6 +96,9 @@ class LanguageModel(nnx.Module):
       self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False,
                              kernel_init=normal_init(cfg.init_std, ("embed", "vocab")),
                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    # optimizer steps seen, for ReXMoE's PSR schedule (moe.py); rewritten by the train step
+    self.step_counter = (routers.Counter(jnp.zeros((), jnp.int32)) if moe.uses_step(cfg)
+                         else None)
 
   def __call__(self, tokens_BT: Array, positions_BT: Array | None = None,
                segments_BT: Array | None = None, *, exits: bool = False
@@ -96,19 +108,25 @@ class LanguageModel(nnx.Module):
     §2.4 early exits; the coda runs only on the last), the last entry being the usual output.
     The aux of the prelude, core and coda are merged by one rule (moe.add_aux, then
     moe.mean_over_layers: MoE entries are means over the MoE layers)."""
-    x_BTD, tok, pre_aux = self.inputs(tokens_BT, positions_BT, segments_BT)
+    x_BTD, tok, pre_aux, carry = self.inputs(tokens_BT, positions_BT, segments_BT)
     if exits:
       if not isinstance(self.core, recursion.Recursion):
         raise ValueError("early exits need a recursive core (config.model.recursion.strategy "
                          "cycle | middle_cycle, config.model.mor.kind='none')")
-      loops, aux = self.core.loop_outputs(x_BTD, tok)
-      x_BTD, coda_aux = self.coda(loops[-1], tok)
+      loops, aux, carry = self.core.loop_outputs(x_BTD, tok, carry)
+      x_BTD, coda_aux, _ = self.coda.forward(loops[-1], tok, carry)
       logits = [self.logits(h_BTD) for h_BTD in loops[:-1]] + [self.logits(x_BTD)]
     else:
-      x_BTD, aux = self.core(x_BTD, tok)
-      x_BTD, coda_aux = self.coda(x_BTD, tok)
+      if isinstance(self.core, mor.MoR):  # no MoE in a MoR core (config.py): the carry passes
+        (x_BTD, aux), carry = self.core(x_BTD, tok), carry
+      else:
+        x_BTD, aux, carry = self.core.forward(x_BTD, tok, carry)
+      x_BTD, coda_aux, _ = self.coda.forward(x_BTD, tok, carry)
       logits = self.logits(x_BTD)
-    return logits, moe.mean_over_layers(moe.add_aux([pre_aux, aux, coda_aux]))
+    aux = moe.mean_over_layers(moe.add_aux([pre_aux, aux, coda_aux]))
+    if self.step_counter is not None:
+      aux["update/step_counter"] = self.step_counter[...] + 1
+    return logits, aux
 
   def core_inputs(self, tokens_BT: Array, positions_BT: Array | None = None,
                   segments_BT: Array | None = None) -> tuple[Array, Tokens]:
@@ -116,18 +134,19 @@ class LanguageModel(nnx.Module):
     return self.inputs(tokens_BT, positions_BT, segments_BT)[:2]
 
   def inputs(self, tokens_BT: Array, positions_BT: Array | None = None,
-             segments_BT: Array | None = None) -> tuple[Array, Tokens, dict]:
+             segments_BT: Array | None = None) -> tuple[Array, Tokens, dict, Carry]:
     """The hidden states entering the core (embedding, then the prelude layers), the tokens'
-    metadata (positions default to 0..T-1, segments to one document per row) and the prelude's
-    aux."""
+    metadata (positions default to 0..T-1, segments to one document per row), the prelude's
+    aux and the carry leaving it (layers.Carry)."""
     b, t = tokens_BT.shape
     indices_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     tok = Tokens(positions=indices_BT if positions_BT is None else positions_BT,
                  segments=jnp.ones_like(tokens_BT) if segments_BT is None else segments_BT,
                  indices=indices_BT)
     x_BTD = constrain_activations(self.embed(tokens_BT))
-    x_BTD, aux = self.prelude(x_BTD, tok)
-    return x_BTD, tok, aux
+    step = None if self.step_counter is None else self.step_counter[...]
+    x_BTD, aux, carry = self.prelude.forward(x_BTD, tok, Carry(step=step))
+    return x_BTD, tok, aux, carry
 
   def logits(self, x_BTD: Array) -> Array:
     """The exit head: final norm then the (tied or untied) LM head, float32 [B, T, V]."""

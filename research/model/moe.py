@@ -25,8 +25,22 @@ with the residual between iterations ("[x^(t-1) +]") and the block's own residua
 input unless `outer_residual` is False) chosen by coe_residual, as the official code's flags
 (inner_residual, outer_residual): "outer" (F, T) = the standard pre-norm block (plain MoE at C=1),
 "inner" (T, F: the code's default, so the block's output is norm(h) + sum of the updates),
-"inner_outer" (T, T). RMoE feeds other router logits to `route`, and ReXMoE passes a group's
-pooled expert weights to `routed_experts`.
+"inner_outer" (T, T).
+
+RMoE (Qiu et al. 2024, spec §3; model.moe.router="gru"): the logits of MoE layer i come from
+routers.RecurrentRouter, h_i = GRU(x_i Proj_i, h_{i-1}), logits = h_i G_i, with one GRU cell for
+the whole model (RoutedFFNs builds it) and h carried from block to block in layers.Carry.
+
+ReXMoE (spec §4; model.moe.rex_group r > 1): the MoE layers form disjoint groups of r adjacent
+ones; each layer's router scores the r E experts of its group (its own at candidates
+[member E, (member + 1) E)), stored once per group as one stacked ExpertPool that every member
+holds, so a layer selecting a neighbour's expert uses that very parameter. Progressive Scaling
+Routing (model.moe.psr, §4.2) zeroes the scores of all but N_t candidates (Eq. 6) before the top-k,
+the layer's own experts first, the rest drawn per step and layer from the training step in the
+carry.
+
+CoE combines with ReXMoE (iteration t's router scores the group's r E pooled experts, under the
+layer's PSR mask of the step) but not with RMoE (config.py refuses router="gru" with C > 1).
 
 Aux of one gate call: "loss/moe_balance" = balance_coeff * B with B = E sum_e f_e P_e over the
 batch, or its mean over rows (balance_scope="sequence", DeepSeek's seq_aux), "loss/moe_z" =
@@ -47,7 +61,7 @@ from flax import nnx
 from research import routing
 from research.kernels import dispatch
 from research.model import routers
-from research.model.layers import SwiGLU, normal_init
+from research.model.layers import NO_CARRY, Carry, SwiGLU, normal_init
 
 Array = jax.Array
 
@@ -63,6 +77,38 @@ def is_moe_layer(m: mlc.ConfigDict, layer: int) -> bool:
   first_k_dense_replace), every `every`-th layer, (l + 1) % every == 0 (MaxText interleave)."""
   c = m.moe
   return c.num_experts > 0 and layer >= c.first_dense and (layer + 1) % c.every == 0
+
+
+def num_candidates(m: mlc.ConfigDict) -> int:
+  """Experts a routed layer chooses from (its router's outputs): E, or r E with ReXMoE."""
+  return m.moe.num_experts * m.moe.rex_group
+
+
+PSR_SEED = 0  # PSR masks: key fold_in(fold_in(key(PSR_SEED), step), layer), reproducible per step
+
+
+def router_params(m: mlc.ConfigDict) -> int:
+  """Router parameters of one routed layer: W_r d E (linear; one per CoE iteration unless
+  coe_shared_router), or RMoE's Proj_i d p + G_i p E."""
+  c, e = m.moe, num_candidates(m)
+  if c.router == "gru":
+    return (m.d_model + e) * c.gru_dim
+  return (1 if c.coe_shared_router else c.iterations) * m.d_model * e
+
+
+def shared_router_params(m: mlc.ConfigDict) -> int:
+  """Router parameters shared by all routed layers: RMoE's GRU cell 6 p^2 + 6 p (spec §3.2)."""
+  p = m.moe.gru_dim
+  return 6 * p * p + 6 * p if m.moe.num_experts and m.moe.router == "gru" else 0
+
+
+def router_macs(m: mlc.ConfigDict) -> int:
+  """Multiply-adds per token of one routed layer's router call (one per CoE iteration): d E, or
+  d p + 6 p^2 + p E (RMoE: Proj_i, the GRU's six p x p maps, G_i)."""
+  c, e = m.moe, num_candidates(m)
+  if c.router == "linear":
+    return m.d_model * e
+  return (m.d_model + 6 * c.gru_dim + e) * c.gru_dim
 
 
 class Routing(NamedTuple):
@@ -107,23 +153,49 @@ def ragged_experts(x_BTD: Array, w_gate_EDF: Array, w_up_EDF: Array, w_down_EFD:
 IMPLS = {"dense": dense_experts, "ragged": ragged_experts}
 
 
+def stacked_experts(n: int, d: int, f: int, *, std: float, param_dtype, rngs: nnx.Rngs
+                    ) -> tuple[nnx.Param, nnx.Param, nnx.Param]:
+  """n SwiGLU experts: gate, up [n, D, F] and down [n, F, D], N(0, std)."""
+  def stacked(shape, names):
+    return nnx.Param(normal_init(std, names)(rngs.params(), shape, param_dtype))
+
+  return (stacked((n, d, f), ("expert", "embed", "mlp")),
+          stacked((n, d, f), ("expert", "embed", "mlp")),
+          stacked((n, f, d), ("expert", "mlp", "embed")))
+
+
+class ExpertPool(nnx.Module):
+  """ReXMoE: the experts of a group of r MoE layers, [r E, ...], member j's at rows [j E, (j+1) E);
+  held by every member (one parameter per group)."""
+
+  def __init__(self, n: int, d: int, f: int, *, std: float, param_dtype, rngs: nnx.Rngs):
+    self.gate_proj, self.up_proj, self.down_proj = stacked_experts(
+        n, d, f, std=std, param_dtype=param_dtype, rngs=rngs)
+
+
 class MoE(nnx.Module):
   """Router + E stacked SwiGLU experts [E, D, F] / [E, F, D] (+ shared experts). `m` is the model
   config section; model.moe holds the MoE keys."""
 
-  def __init__(self, m: mlc.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, m: mlc.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs,
+               gru: routers.GRUCell | None = None, pool: ExpertPool | None = None,
+               member: int = 0, layer: int = 0):
     c = m.moe
-    e, d, f = c.num_experts, m.d_model, expert_d_ff(m)
+    e, d, f = num_candidates(m), m.d_model, expert_d_ff(m)
     self.iterations, self.shared_router = c.iterations, c.coe_shared_router
-    self.router = routers.Router(1 if c.coe_shared_router else c.iterations, d, e, "linear",
-                                 std=m.init_std, param_dtype=param_dtype, rngs=rngs)
-
-    def stacked(shape, names):
-      return nnx.Param(normal_init(m.init_std, names)(rngs.params(), shape, param_dtype))
-
-    self.gate_proj = stacked((e, d, f), ("expert", "embed", "mlp"))
-    self.up_proj = stacked((e, d, f), ("expert", "embed", "mlp"))
-    self.down_proj = stacked((e, f, d), ("expert", "mlp", "embed"))
+    if c.router == "gru":  # RMoE: `gru` is the model's one cell (RoutedFFNs); C = 1 (config.py)
+      self.router = routers.RecurrentRouter(d, c.gru_dim, e, gru, recurrence=c.gru_recurrence,
+                                            std=m.init_std, param_dtype=param_dtype, rngs=rngs)
+    else:
+      self.router = routers.Router(1 if c.coe_shared_router else c.iterations, d, e, "linear",
+                                   std=m.init_std, param_dtype=param_dtype, rngs=rngs)
+    self.pool = pool  # ReXMoE: the group's experts; else the layer's own below
+    if pool is None:
+      self.gate_proj, self.up_proj, self.down_proj = stacked_experts(
+          e, d, f, std=m.init_std, param_dtype=param_dtype, rngs=rngs)
+    self.member, self.layer = member, layer
+    self.router_out, self.group = e, c.rex_group
+    self.psr = (c.psr_start, c.psr_end) if pool is not None and c.psr else None
     self.shared = (SwiGLU(d, f * c.num_shared_experts, std=m.init_std, dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs) if c.num_shared_experts else None)
     self.dtype = dtype
@@ -135,11 +207,17 @@ class MoE(nnx.Module):
     self.inner_residual = c.coe_residual in ("inner", "inner_outer")
     self.outer_residual = c.coe_residual in ("outer", "inner_outer")  # read by Block
 
-  def route(self, x_BTD: Array, valid_BT: Array, t: int = 0) -> Routing:
+  def route(self, x_BTD: Array, valid_BT: Array, t: int = 0, *, logits_BTE: Array | None = None,
+            keep_E: Array | None = None) -> Routing:
     """Router logits, top-k gates and the capacity mask of the valid (non-padding) tokens, by the
-    router of iteration t (CoE: e_t of spec §2.1; router 0 for all t with coe_shared_router)."""
-    logits_BTE = self.router(x_BTD, 0 if self.shared_router else t)
+    router of iteration t (CoE: e_t of spec §2.1; router 0 for all t with coe_shared_router).
+    `logits_BTE` replaces the linear router's (RMoE's recurrent router, `forward`); scores are 0
+    where `keep_E` is False (ReXMoE's PSR mask, `psr_mask`), before the top-k."""
+    if logits_BTE is None:
+      logits_BTE = self.router(x_BTD, 0 if self.shared_router else t)
     scores_BTE = routing.expert_scores(logits_BTE, self.score)
+    if keep_E is not None:
+      scores_BTE = jnp.where(keep_E, scores_BTE, 0.0)
     w_BTK, e_BTK = routing.top_experts(scores_BTE, self.top_k, self.renormalize)
     if self.capacity_factor > 0:
       num_experts = logits_BTE.shape[-1]
@@ -151,24 +229,38 @@ class MoE(nnx.Module):
 
   def routed_experts(self, x_BTD: Array, r: Routing) -> Array:
     """sum_i w_i E_{e_i}(x) through the configured implementation."""
-    weights = (self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+    own = self if self.pool is None else self.pool
+    weights = (own.gate_proj[...], own.up_proj[...], own.down_proj[...])
     kernel = {"gmm": self.gmm} if self.impl == "ragged" else {}
     return IMPLS[self.impl](x_BTD, *(w.astype(self.dtype) for w in weights), r, **kernel)
 
   def __call__(self, x_BTD: Array, valid_BT: Array | None = None) -> tuple[Array, dict]:
     """(y_BTD, aux); `valid_BT` False at padding, which takes no capacity and no statistics.
     With C = 1 and no inner residual, y = MoE(x)."""
+    return self.forward(x_BTD, valid_BT)[:2]
+
+  def forward(self, x_BTD: Array, valid_BT: Array | None = None, carry: Carry = NO_CARRY
+              ) -> tuple[Array, dict, Carry]:
+    """(y_BTD, aux, carry): a recurrent router reads h_{i-1} from the carry and puts h_i there;
+    a linear one passes the carry on. The CoE chain (`iterate`) of C >= 1 iterations."""
     if valid_BT is None:
       valid_BT = jnp.ones(x_BTD.shape[:2], bool)
-    y_BTD, rs = self.iterate(x_BTD, valid_BT)
-    return y_BTD, iteration_aux([self.aux(r, valid_BT) for r in rs])
+    logits_BTE = None
+    if isinstance(self.router, routers.RecurrentRouter):  # C = 1 (config.py)
+      logits_BTE, h_BTP = self.router(x_BTD, carry.router)
+      carry = carry._replace(router=h_BTP)
+    keep_E = None if self.psr is None or carry.step is None else self.psr_mask(carry.step)
+    y_BTD, rs = self.iterate(x_BTD, valid_BT, logits_BTE=logits_BTE, keep_E=keep_E)
+    return y_BTD, iteration_aux([self.aux(r, valid_BT) for r in rs]), carry
 
-  def iterate(self, x_BTD: Array, valid_BT: Array) -> tuple[Array, list[Routing]]:
+  def iterate(self, x_BTD: Array, valid_BT: Array, *, logits_BTE: Array | None = None,
+              keep_E: Array | None = None) -> tuple[Array, list[Routing]]:
     """x^(C) of the chain x^(t) = [x^(t-1) +] MoE_t(x^(t-1)) (CoE, spec §2.1; the bracket with
-    the inner residual) and the routing of each iteration."""
+    the inner residual) and the routing of each iteration; `logits_BTE` (RMoE, C = 1) and
+    `keep_E` (ReXMoE's PSR mask, the same at every iteration) as in `route`."""
     rs = []
     for t in range(self.iterations):
-      r = self.route(x_BTD, valid_BT, t)
+      r = self.route(x_BTD, valid_BT, t, logits_BTE=logits_BTE, keep_E=keep_E)
       y_BTD = self.routed_experts(x_BTD, r)
       if self.shared is not None:  # every iteration, on x^(t-1) (the official CoeMoE.forward)
         y_BTD = y_BTD + self.shared(x_BTD)
@@ -176,6 +268,14 @@ class MoE(nnx.Module):
       x_BTD = x_BTD + y_BTD if self.inner_residual else y_BTD
       rs.append(r)
     return x_BTD, rs
+
+  def psr_mask(self, step: Array) -> Array:
+    """ReXMoE PSR at optimizer step `step`: N_t of the r E candidates routable (Eq. 6), the
+    layer's own first (routing.psr_mask)."""
+    e = self.router_out // self.group
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(PSR_SEED), step), self.layer)
+    kept = routing.psr_num_candidates(step, e, self.group, *self.psr)
+    return routing.psr_mask(key, kept, e, self.member, self.group)
 
   def aux(self, r: Routing, valid_BT: Array) -> dict:
     """Losses (weighted) and statistics of one application (module docstring)."""
@@ -194,6 +294,38 @@ class MoE(nnx.Module):
             "moe/balance": balance, "moe/z": z, "moe/load": load_E,
             "moe/max_violation": routing.max_violation(load_E), "moe/dropped": dropped,
             "moe/layers": jnp.ones((), jnp.float32)}
+
+
+class RoutedFFNs:
+  """Builds the FFN of each unique layer, in layer order (None: the dense SwiGLU), with what the
+  routed ones share, each made with the first layer that needs it and held by every user (one
+  parameter, its gradients summed over the layers): RMoE's GRU cell, one per model; ReXMoE's
+  ExpertPool, one per group of r consecutive MoE layers."""
+
+  def __init__(self, m: mlc.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.m, self.kw = m, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gru, self.pool, self.built = None, None, 0
+
+  def __call__(self, layer: int) -> MoE | None:
+    if not is_moe_layer(self.m, layer):
+      return None
+    m, c, kw = self.m, self.m.moe, self.kw
+    if c.router == "gru" and self.gru is None:
+      self.gru = routers.GRUCell(c.gru_dim, param_dtype=kw["param_dtype"], rngs=kw["rngs"])
+    member = self.built % c.rex_group
+    self.built += 1
+    if c.rex_group == 1:
+      return MoE(m, **kw, gru=self.gru)
+    if member == 0:
+      self.pool = ExpertPool(num_candidates(m), m.d_model, expert_d_ff(m), std=m.init_std,
+                             param_dtype=kw["param_dtype"], rngs=kw["rngs"])
+    return MoE(m, **kw, gru=self.gru, pool=self.pool, member=member, layer=layer)
+
+
+def uses_step(m: mlc.ConfigDict) -> bool:
+  """Whether a routed layer reads the optimizer step from the carry (ReXMoE's PSR)."""
+  c = m.moe
+  return c.num_experts > 0 and c.rex_group > 1 and c.psr
 
 
 def iteration_aux(gate_calls: list[dict]) -> dict:

@@ -19,7 +19,7 @@ import ml_collections as mlc
 from flax import nnx
 
 from research.model import moe
-from research.model.layers import LoRA, Tokens
+from research.model.layers import NO_CARRY, Carry, LoRA, Tokens
 
 Array = jax.Array
 
@@ -168,27 +168,34 @@ class Recursion(nnx.Module):
       self.ffn_norms = nnx.Param(init(rngs.params(), (depths, m.d_model), param_dtype))
 
   def __call__(self, x_BTD: Array, tok: Tokens) -> tuple[Array, dict]:
-    outs, aux = self.loop_outputs(x_BTD, tok)
-    return outs[-1], aux
+    return self.forward(x_BTD, tok)[:2]
 
-  def loop_outputs(self, x_BTD: Array, tok: Tokens) -> tuple[list[Array], dict]:
+  def forward(self, x_BTD: Array, tok: Tokens, carry: Carry = NO_CARRY
+              ) -> tuple[Array, dict, Carry]:
+    """(output, aux summed over depths, carry): the carry runs through every depth in order, so a
+    recurrent router's state goes on when a shared MoE layer runs again (layers.Carry)."""
+    outs, aux, carry = self.loop_outputs(x_BTD, tok, carry)
+    return outs[-1], aux, carry
+
+  def loop_outputs(self, x_BTD: Array, tok: Tokens, carry: Carry = NO_CARRY
+                   ) -> tuple[list[Array], dict, Carry]:
     """The hidden state after each loop over the shared layers (RRT §2.4 early exits), the last
-    one being the core's output, and the blocks' aux summed over depths (moe.add_aux). A loop is
-    num_shared consecutive depths (cycle plans)."""
+    one being the core's output, the blocks' aux summed over depths (moe.add_aux) and the carry.
+    A loop is num_shared consecutive depths (cycle plans)."""
     outs = []
     if self.merged:
       for loop in range(self.plan.num_recursions):
         x_BTD = self.loop_step(x_BTD, tok, jnp.full((x_BTD.shape[0],), loop, jnp.int32))
         outs.append(x_BTD)
-      return outs, {}
+      return outs, {}, carry
     auxes = []
     for depth in range(len(self.plan.order)):
       block, lora, norms = self.at_depth(depth)
-      x_BTD, aux = self.step(block, x_BTD, tok, lora, norms)
+      x_BTD, aux, carry = self.step(block, x_BTD, tok, lora, norms, carry)
       auxes.append(aux)
       if (depth + 1) % self.plan.num_shared == 0:
         outs.append(x_BTD)
-    return outs, moe.add_aux(auxes)
+    return outs, moe.add_aux(auxes), carry
 
   def at_depth(self, depth: int) -> tuple[nnx.Module, LoRA | None, tuple[Array, Array] | None]:
     """(shared block, LoRA, (attn, ffn) norm scales) of core depth `depth` (per-depth LoRA)."""
@@ -206,20 +213,22 @@ class Recursion(nnx.Module):
       if self.attn_norms is not None:
         depth_B = jnp.asarray(depths, jnp.int32)[loop_B]
         norms = (self.attn_norms[...][depth_B], self.ffn_norms[...][depth_B])
-      x_BTD, _ = self.step(self.blocks[j], x_BTD, tok, lora, norms)  # no MoE (config.py)
+      x_BTD, _, _ = self.step(self.blocks[j], x_BTD, tok, lora, norms)  # no MoE (config.py)
     return x_BTD
 
-  def step(self, block, x_BTD, tok, lora, norms) -> tuple[Array, dict]:
+  def step(self, block, x_BTD, tok, lora, norms, carry: Carry = NO_CARRY
+           ) -> tuple[Array, dict, Carry]:
     """block.forward at one depth, rematerialised when `remat`."""
     if self.remat:
-      return nnx.remat(lambda b, x, t, lo, no: b.forward(x, t, lo, no))(block, x_BTD, tok, lora,
-                                                                         norms)
-    return block.forward(x_BTD, tok, lora, norms)
+      return nnx.remat(lambda b, x, t, lo, no, c: b.forward(x, t, lo, no, carry=c))(
+          block, x_BTD, tok, lora, norms, carry)
+    return block.forward(x_BTD, tok, lora, norms, carry=carry)
 
 
 def non_embedding_params(m: mlc.ConfigDict) -> int:
   """Unique non-embedding parameters: prelude + shared + coda layers (a routed FFN: its router, one
-  per CoE iteration unless shared, all E experts and the shared ones), LoRAs, untied/final norms.
+  per CoE iteration unless shared, all E experts and the shared ones; RMoE's one GRU cell), LoRAs,
+  untied/final norms.
 
   Reproduces the papers' counts (tested): MoR 360M middle-cycle Nr=2/3/4 = 167M/118M/98M, RRT
   Gemma-2B cycle B=2 with ranks 64..512 = 1.07/1.15/1.30/1.60B.
@@ -227,14 +236,14 @@ def non_embedding_params(m: mlc.ConfigDict) -> int:
   head_dim = m.head_dim if m.head_dim > 0 else m.d_model // m.num_heads
   d, c = m.d_model, m.moe
   layer = d * head_dim * 2 * (m.num_heads + m.num_kv_heads) + 2 * d
-  num_routers = 1 if c.coe_shared_router else c.iterations
-  routed_ffn = (num_routers * d * c.num_experts
-                + 3 * d * moe.expert_d_ff(m) * (c.num_experts + c.num_shared_experts))
+  routed_ffn = moe.router_params(m) + 3 * d * moe.expert_d_ff(m) * (c.num_experts
+                                                                    + c.num_shared_experts)
   plan = make_plan(m.recursion.strategy, m.num_layers, m.recursion.num_recursions)
   unique_layers = plan.prelude + plan.num_shared + plan.coda
   depths = len(plan.order) if m.recursion.strategy != "none" else 0
-  total = d + sum(layer + (routed_ffn if moe.is_moe_layer(m, i) else 3 * d * m.d_ff)
-                  for i in range(unique_layers))  # + final norm
+  total = d + moe.shared_router_params(m) + sum(  # + final norm, RMoE's GRU
+      layer + (routed_ffn if moe.is_moe_layer(m, i) else 3 * d * m.d_ff)
+      for i in range(unique_layers))
   if depths:
     shapes = lora_shapes(mlc.ConfigDict(dict(m.to_dict(), head_dim=head_dim)))
     total += depths * sum(r * (i + o) for i, r, o in shapes.values())

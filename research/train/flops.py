@@ -24,14 +24,15 @@ from research.model import moe, mor, recursion, routers
 
 def ffn_flops(m: mlc.ConfigDict, routed: bool, *, active: bool = False) -> float:
   """Forward FLOPs per token of a block's FFN: the dense SwiGLU 3 d F, or a routed FFN's router
-  d E plus 3 d F_e per expert run: its top k (all E for impl="dense", unless `active`) and the
-  shared experts, once per Chain-of-Experts iteration (C routers, C x the experts)."""
+  (moe.router_macs: d E, or RMoE's d p + 6 p^2 + p E) plus 3 d F_e per expert run: its top k (all
+  E, ReXMoE's r E, for impl="dense", unless `active`) and the shared experts, once per
+  Chain-of-Experts iteration (C router calls, C x the experts)."""
   d = m.d_model
   if not routed:
     return 2.0 * 3 * d * m.d_ff
   c = m.moe
-  run = c.top_k if active or c.impl != "dense" else c.num_experts
-  per_iteration = d * c.num_experts + 3 * d * moe.expert_d_ff(m) * (run + c.num_shared_experts)
+  run = c.top_k if active or c.impl != "dense" else moe.num_candidates(m)
+  per_iteration = moe.router_macs(m) + 3 * d * moe.expert_d_ff(m) * (run + c.num_shared_experts)
   return 2.0 * c.iterations * per_iteration
 
 
