@@ -1,9 +1,17 @@
-"""Small configs shared by the tests."""
+"""Small configs, and a train state with its jitted step, shared by the tests."""
 
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
 import ml_collections as mlc
+from flax import nnx
 
 from configs import base
 from research import config as config_lib
+from research.model.lm import LanguageModel
+from research.train import optimizer
+from research.train import step as step_lib
 
 
 def tiny_config(**model) -> mlc.ConfigDict:
@@ -15,3 +23,36 @@ def tiny_config(**model) -> mlc.ConfigDict:
   c.train.update(batch_size=4, steps=10, grad_accum=1)
   config_lib.validate(c)
   return config_lib.with_derived(c, 64)
+
+
+def with_mor(cfg: mlc.ConfigDict, overrides: dict) -> mlc.ConfigDict:
+  """cfg with the dotted keys under model.mor set (e.g. {"token.balancing": "loss_free"}),
+  validated."""
+  for key, value in overrides.items():
+    node = cfg.model.mor
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  config_lib.validate(cfg)
+  return cfg
+
+
+def init_state(cfg: mlc.ConfigDict, tx) -> tuple[nnx.GraphDef, dict]:
+  """(graphdef, train state) of cfg's seed-0 model and the optimizer `tx`."""
+  with nnx.use_eager_sharding(False):
+    model = LanguageModel(cfg.model, rngs=nnx.Rngs(0))
+  graphdef, params, other = nnx.split(model, nnx.Param, ...)
+  state = dict(step=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32), params=params,
+               other=other, opt=tx.init(params))
+  return graphdef, state
+
+
+def train_setup(cfg: mlc.ConfigDict, steps: int, policy: str = "stop"
+                ) -> tuple[dict, Callable]:
+  """(initial state, jitted train step) with cfg's optimizer and schedule over `steps`, no
+  gradient accumulation, non-finite `policy`."""
+  tx = optimizer.make_optimizer(cfg.train, steps)
+  graphdef, state = init_state(cfg, tx)
+  schedule = optimizer.make_schedule(cfg.train, steps)
+  return state, jax.jit(step_lib.make_train_step(graphdef, tx, schedule, 1, policy))

@@ -20,8 +20,8 @@ from research.infer import decode
 from research.model import moe, recursion
 from research.model.layers import Block, Tokens
 from research.model.lm import LanguageModel
-from research.train import flops, optimizer, step
-from tests.model_util import tiny_config
+from research.train import flops
+from tests.model_util import tiny_config, train_setup
 
 E, F, T, D = 4, 16, 8, 32
 COE = dict(num_experts=E, top_k=2, d_ff=F, num_shared_experts=1, iterations=2,
@@ -389,14 +389,7 @@ def make_batch(b=4, t=16):
 def test_coe_lm_trains_and_reports_aux():
   cfg = tiny_config(moe=dict(COE, balance_scope="sequence", balance_coeff=0.004))
   cfg.train.lr, cfg.train.warmup_steps = 1e-2, 0
-  tx = optimizer.make_optimizer(cfg.train, 12)
-  with nnx.use_eager_sharding(False):
-    model = LanguageModel(cfg.model, rngs=nnx.Rngs(0))
-  graphdef, params, other = nnx.split(model, nnx.Param, ...)
-  state = dict(step=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32), params=params,
-               other=other, opt=tx.init(params))
-  train_step = jax.jit(step.make_train_step(graphdef, tx, optimizer.make_schedule(cfg.train, 12),
-                                            1, "stop"))
+  state, train_step = train_setup(cfg, 12)
   batch = make_batch()
   losses = []
   for _ in range(12):

@@ -19,7 +19,7 @@ from research import config as config_lib
 from research.infer import decode
 from research.model import mor
 from research.model.lm import LanguageModel
-from tests.model_util import tiny_config
+from tests.model_util import tiny_config, with_mor
 
 T, PROMPT, MAX_LEN = 12, 5, 14  # the cache keeps 2 spare slots: unwritten entries stay unread
 THRESHOLD = {"kind": "expert", "impl": "masked", "expert.route": "threshold"}
@@ -54,14 +54,7 @@ def model_config(layers: int, rec: dict, mor_overrides: dict):
   """tiny_config with vocab 64 and the given depth, model.recursion and (dotted) model.mor keys."""
   cfg = tiny_config(num_layers=layers, vocab_size=64)
   cfg.model.recursion.update(rec)
-  for key, value in mor_overrides.items():
-    node = cfg.model.mor
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  config_lib.validate(cfg)
-  return cfg
+  return with_mor(cfg, mor_overrides)
 
 
 @functools.cache

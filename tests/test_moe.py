@@ -19,8 +19,8 @@ from research.infer import decode
 from research.model import moe, recursion
 from research.model.layers import Block, Tokens
 from research.model.lm import LanguageModel
-from research.train import flops, optimizer, step
-from tests.model_util import tiny_config
+from research.train import flops
+from tests.model_util import tiny_config, train_setup
 
 E, F, T = 4, 16, 8
 
@@ -219,14 +219,7 @@ def test_moe_lm_trains_and_reports_aux():
   cfg = tiny_config(remat="block", moe=dict(num_experts=E, top_k=2, d_ff=F, num_shared_experts=1,
                                             capacity_factor=1.25, z_coeff=1e-3))
   cfg.train.lr, cfg.train.warmup_steps = 1e-2, 0
-  tx = optimizer.make_optimizer(cfg.train, 12)
-  with nnx.use_eager_sharding(False):
-    model = LanguageModel(cfg.model, rngs=nnx.Rngs(0))
-  graphdef, params, other = nnx.split(model, nnx.Param, ...)
-  state = dict(step=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32), params=params,
-               other=other, opt=tx.init(params))
-  train_step = jax.jit(step.make_train_step(graphdef, tx, optimizer.make_schedule(cfg.train, 12),
-                                            1, "stop"))
+  state, train_step = train_setup(cfg, 12)
   batch = make_batch()
   losses = []
   for _ in range(12):

@@ -19,8 +19,7 @@ from research import routing
 from research.model import mor, recursion
 from research.model.layers import Block, Tokens
 from research.model.lm import LanguageModel
-from research.train import optimizer, step
-from tests.model_util import tiny_config
+from tests.model_util import tiny_config, train_setup, with_mor
 
 T = 16
 
@@ -31,14 +30,7 @@ def mor_config(**overrides) -> mlc.ConfigDict:
   cfg = tiny_config(num_layers=5)
   cfg.model.recursion.update(strategy="middle_cycle", num_recursions=3)
   cfg.model.mor.kind = "expert"
-  for key, value in overrides.items():
-    node = cfg.model.mor
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  config_lib.validate(cfg)
-  return cfg
+  return with_mor(cfg, overrides)
 
 
 @functools.cache
@@ -408,14 +400,7 @@ def test_loss_free_bias_moves_toward_underloaded_depths_and_lowers_maxvio():
 def test_train_step_writes_the_loss_free_bias_and_counter_after_the_update():
   cfg = mor_config(kind="token", **{"token.balancing": "loss_free", "token.bias_rate": 0.01,
                                     "token.bal_warmup_steps": 1})
-  tx = optimizer.make_optimizer(cfg.train, 10)
-  with nnx.use_eager_sharding(False):
-    model = LanguageModel(cfg.model, rngs=nnx.Rngs(0))
-  graphdef, params, other = nnx.split(model, nnx.Param, ...)
-  state = dict(step=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32), params=params,
-               other=other, opt=tx.init(params))
-  train_step = jax.jit(step.make_train_step(graphdef, tx, optimizer.make_schedule(cfg.train, 10),
-                                            1, "skip"))
+  state, train_step = train_setup(cfg, 10, "skip")
   tokens = jax.random.randint(jax.random.key(0), (4, T + 1), 0, 64)
   batch = dict(tokens=tokens, positions=jnp.broadcast_to(jnp.arange(T + 1), (4, T + 1)),
                segment_ids=jnp.ones((4, T + 1), jnp.int32))

@@ -7,9 +7,8 @@ import optax
 import pytest
 from flax import nnx
 
-from research.model.lm import LanguageModel
 from research.train import optimizer, step
-from tests.model_util import tiny_config
+from tests.model_util import init_state, tiny_config, train_setup
 
 
 def make_batch(b=4, t=16, seed=0):
@@ -20,15 +19,6 @@ def make_batch(b=4, t=16, seed=0):
   pos = np.concatenate([np.arange(9), np.arange(t + 1 - 9)])[None].repeat(b, 0).astype(np.int32)
   return {"tokens": jnp.asarray(tokens), "positions": jnp.asarray(pos),
           "segment_ids": jnp.asarray(seg)}
-
-
-def init(cfg, tx):
-  with nnx.use_eager_sharding(False):
-    model = LanguageModel(cfg.model, rngs=nnx.Rngs(0))
-  graphdef, params, other = nnx.split(model, nnx.Param, ...)
-  state = dict(step=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32), params=params,
-               other=other, opt=tx.init(params))
-  return graphdef, state
 
 
 def test_loss_mask_skips_document_boundaries_and_padding():
@@ -43,7 +33,7 @@ def test_loss_mask_skips_document_boundaries_and_padding():
 
 def test_nll_sum_equals_manual_cross_entropy():
   cfg = tiny_config()
-  graphdef, state = init(cfg, optax.sgd(0.0))
+  graphdef, state = init_state(cfg, optax.sgd(0.0))
   model = nnx.merge(graphdef, state["params"], state["other"])
   batch = make_batch()
   total, count, _ = step.nll_sum(model, batch)
@@ -60,7 +50,7 @@ def test_gradient_accumulation_equals_one_big_batch(accum):
   cfg = tiny_config()
   tx = optax.sgd(1.0)  # the update is the gradient itself (Adam would amplify rounding)
   sched = optimizer.make_schedule(cfg.train, 10)
-  graphdef, state = init(cfg, tx)
+  graphdef, state = init_state(cfg, tx)
   batch = make_batch()
   batch["segment_ids"] = batch["segment_ids"].at[0, 12:].set(0)  # unequal targets per micro
   one = jax.jit(step.make_train_step(graphdef, tx, sched, 1, "stop"))
@@ -76,10 +66,7 @@ def test_gradient_accumulation_equals_one_big_batch(accum):
 def test_training_reduces_loss_on_a_fixed_batch():
   cfg = tiny_config()
   cfg.train.lr, cfg.train.warmup_steps = 1e-2, 0
-  tx = optimizer.make_optimizer(cfg.train, 30)
-  graphdef, state = init(cfg, tx)
-  train_step = jax.jit(step.make_train_step(graphdef, tx, optimizer.make_schedule(cfg.train, 30),
-                                            1, "stop"))
+  state, train_step = train_setup(cfg, 30)
   batch = make_batch()
   losses = []
   for _ in range(30):
@@ -93,7 +80,7 @@ def test_training_reduces_loss_on_a_fixed_batch():
 def test_nonfinite_step_never_reaches_the_state(policy):
   cfg = tiny_config()
   tx = optimizer.make_optimizer(cfg.train, 10)
-  graphdef, state = init(cfg, tx)
+  graphdef, state = init_state(cfg, tx)
   train_step = jax.jit(step.make_train_step(graphdef, tx, optimizer.make_schedule(cfg.train, 10),
                                             1, policy))
   state = dict(state, step=jnp.ones((), jnp.int32))
@@ -113,7 +100,7 @@ def test_nonfinite_step_never_reaches_the_state(policy):
 
 def test_weight_decay_skips_vectors():
   cfg = tiny_config()
-  _, state = init(cfg, optax.sgd(0.0))
+  _, state = init_state(cfg, optax.sgd(0.0))
   mask = optimizer.decay_mask(state["params"])
   flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(mask)}
   assert all(not v for k, v in flat.items() if "scale" in k)
@@ -149,7 +136,7 @@ def test_wsd_lengths_round_like_the_released_mor_configs():
 def test_an_update_that_overflows_the_weights_is_rejected():
   cfg = tiny_config()
   tx = optax.sgd(1e39)  # overflows float32: finite loss and gradient, non-finite weights
-  graphdef, state = init(cfg, tx)
+  graphdef, state = init_state(cfg, tx)
   train_step = jax.jit(step.make_train_step(graphdef, tx, optimizer.make_schedule(cfg.train, 10),
                                             1, "stop"))
   after, m = train_step(state, make_batch())
