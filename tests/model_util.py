@@ -9,6 +9,7 @@ from flax import nnx
 
 from configs import base
 from research import config as config_lib
+from research.infer import decode
 from research.model.lm import LanguageModel
 from research.train import optimizer
 from research.train import step as step_lib
@@ -56,3 +57,15 @@ def train_setup(cfg: mlc.ConfigDict, steps: int, policy: str = "stop"
   graphdef, state = init_state(cfg, tx)
   schedule = optimizer.make_schedule(cfg.train, steps)
   return state, jax.jit(step_lib.make_train_step(graphdef, tx, schedule, 1, policy))
+
+
+def prefill_then_decode(model: LanguageModel, tokens_BT: jax.Array, prompt: int) -> jax.Array:
+  """Logits [B, T, V] of research/infer: prefill of the first `prompt` tokens, then one
+  decode_step per remaining token (to compare with the full forward)."""
+  b, t = tokens_BT.shape
+  logits, cache = decode.prefill(model, tokens_BT[:, :prompt], decode.init_cache(model, b, t))
+  got = [logits]
+  for i in range(prompt, t):
+    logits_BV, cache = decode.decode_step(model, tokens_BT[:, i], cache)
+    got.append(logits_BV[:, None])
+  return jnp.concatenate(got, axis=1)

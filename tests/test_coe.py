@@ -16,12 +16,11 @@ from flax import nnx
 
 from configs import moe as moe_config
 from research import config as config_lib
-from research.infer import decode
 from research.model import moe, recursion
 from research.model.layers import Block, Tokens
 from research.model.lm import LanguageModel
 from research.train import flops
-from tests.model_util import tiny_config, train_setup
+from tests.model_util import prefill_then_decode, tiny_config, train_setup
 
 E, F, T, D = 4, 16, 8, 32
 COE = dict(num_experts=E, top_k=2, d_ff=F, num_shared_experts=1, iterations=2,
@@ -410,12 +409,8 @@ def test_coe_in_a_tied_core_decodes_like_the_full_forward():
     model = LanguageModel(cfg.model, rngs=nnx.Rngs(0))
   tokens_BT = jax.random.randint(jax.random.key(1), (2, 12), 0, 64)
   want, _ = nnx.jit(lambda m, t: m(t))(model, tokens_BT)
-  logits, cache = decode.prefill(model, tokens_BT[:, :5], decode.init_cache(model, 2, 12))
-  got = [logits]
-  for i in range(5, 12):
-    logits_BV, cache = decode.decode_step(model, tokens_BT[:, i], cache)
-    got.append(logits_BV[:, None])
-  np.testing.assert_allclose(jnp.concatenate(got, axis=1), want, atol=5e-5, rtol=1e-5)
+  np.testing.assert_allclose(prefill_then_decode(model, tokens_BT, 5), want, atol=5e-5,
+                             rtol=1e-5)
 
 
 def test_the_coe_preset_mirrors_the_paper_at_tiny_scale():

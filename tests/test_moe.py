@@ -15,12 +15,11 @@ from flax import nnx
 
 from research import config as config_lib
 from research import routing
-from research.infer import decode
 from research.model import moe, recursion
 from research.model.layers import Block, Tokens
 from research.model.lm import LanguageModel
 from research.train import flops
-from tests.model_util import tiny_config, train_setup
+from tests.model_util import prefill_then_decode, tiny_config, train_setup
 
 E, F, T = 4, 16, 8
 
@@ -288,12 +287,8 @@ def test_dropless_moe_decodes_like_the_full_forward():
     model = LanguageModel(cfg.model, rngs=nnx.Rngs(0))
   tokens_BT = jax.random.randint(jax.random.key(1), (2, 12), 0, 64)
   want, _ = nnx.jit(lambda m, t: m(t))(model, tokens_BT)
-  logits, cache = decode.prefill(model, tokens_BT[:, :5], decode.init_cache(model, 2, 12))
-  got = [logits]
-  for i in range(5, 12):
-    logits_BV, cache = decode.decode_step(model, tokens_BT[:, i], cache)
-    got.append(logits_BV[:, None])
-  np.testing.assert_allclose(jnp.concatenate(got, axis=1), want, atol=5e-5, rtol=1e-5)
+  np.testing.assert_allclose(prefill_then_decode(model, tokens_BT, 5), want, atol=5e-5,
+                             rtol=1e-5)
 
 
 def test_flops_count_active_experts_by_hand():
