@@ -5,6 +5,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
+import numpy as np
 from flax import nnx
 
 from configs import base
@@ -69,3 +70,21 @@ def prefill_then_decode(model: LanguageModel, tokens_BT: jax.Array, prompt: int)
     logits_BV, cache = decode.decode_step(model, tokens_BT[:, i], cache)
     got.append(logits_BV[:, None])
   return jnp.concatenate(got, axis=1)
+
+
+def random_batch(b: int = 4, t: int = 16, vocab: int = 64) -> dict[str, jax.Array]:
+  """b rows of t + 1 seeded random tokens, one document per row."""
+  tokens = np.random.default_rng(0).integers(0, vocab, (b, t + 1)).astype(np.int32)
+  pos = np.broadcast_to(np.arange(t + 1, dtype=np.int32), (b, t + 1))
+  return {"tokens": jnp.asarray(tokens), "positions": jnp.asarray(pos),
+          "segment_ids": jnp.ones((b, t + 1), jnp.int32)}
+
+
+def fit(state: dict, train_step: Callable, batch: dict, steps: int
+        ) -> tuple[dict, dict, list[float]]:
+  """`steps` train steps on one batch: (state, last step's metrics, the losses)."""
+  losses = []
+  for _ in range(steps):
+    state, metrics = train_step(state, batch)
+    losses.append(float(metrics["loss"]))
+  return state, metrics, losses

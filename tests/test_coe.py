@@ -20,7 +20,13 @@ from research.model import moe, recursion
 from research.model.layers import Block, Tokens
 from research.model.lm import LanguageModel
 from research.train import flops
-from tests.model_util import prefill_then_decode, tiny_config, train_setup
+from tests.model_util import (
+    fit,
+    prefill_then_decode,
+    random_batch,
+    tiny_config,
+    train_setup,
+)
 
 E, F, T, D = 4, 16, 8, 32
 COE = dict(num_experts=E, top_k=2, d_ff=F, num_shared_experts=1, iterations=2,
@@ -377,23 +383,11 @@ def test_paper_parameter_counts():
     assert round(count / 2**20, 2) == mib
 
 
-def make_batch(b=4, t=16):
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, 64, (b, t + 1)).astype(np.int32)
-  pos = np.broadcast_to(np.arange(t + 1, dtype=np.int32), (b, t + 1))
-  return {"tokens": jnp.asarray(tokens), "positions": jnp.asarray(pos),
-          "segment_ids": jnp.ones((b, t + 1), jnp.int32)}
-
-
 def test_coe_lm_trains_and_reports_aux():
   cfg = tiny_config(moe=dict(COE, balance_scope="sequence", balance_coeff=0.004))
   cfg.train.lr, cfg.train.warmup_steps = 1e-2, 0
   state, train_step = train_setup(cfg, 12)
-  batch = make_batch()
-  losses = []
-  for _ in range(12):
-    state, metrics = train_step(state, batch)
-    losses.append(float(metrics["loss"]))
+  state, metrics, losses = fit(state, train_step, random_batch(), 12)
   assert losses[-1] < 0.7 * losses[0], losses
   assert float(metrics["moe/layers"]) == 2
   np.testing.assert_allclose(metrics["moe/load"].sum(), 1.0, rtol=1e-5)

@@ -19,7 +19,13 @@ from research.model import moe, recursion
 from research.model.layers import Block, Tokens
 from research.model.lm import LanguageModel
 from research.train import flops
-from tests.model_util import prefill_then_decode, tiny_config, train_setup
+from tests.model_util import (
+    fit,
+    prefill_then_decode,
+    random_batch,
+    tiny_config,
+    train_setup,
+)
 
 E, F, T = 4, 16, 8
 
@@ -205,25 +211,13 @@ def test_dropped_tokens_add_zero_and_keep_their_residual():
   np.testing.assert_allclose(aux["moe/dropped"], float(dropped_BT.mean()), rtol=1e-6)
 
 
-def make_batch(b=4, t=16):
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, 64, (b, t + 1)).astype(np.int32)
-  pos = np.broadcast_to(np.arange(t + 1, dtype=np.int32), (b, t + 1))
-  return {"tokens": jnp.asarray(tokens), "positions": jnp.asarray(pos),
-          "segment_ids": jnp.ones((b, t + 1), jnp.int32)}
-
-
 def test_moe_lm_trains_and_reports_aux():
   """Vanilla stack, every layer routed, rematerialised blocks, capacity dropping, z-loss."""
   cfg = tiny_config(remat="block", moe=dict(num_experts=E, top_k=2, d_ff=F, num_shared_experts=1,
                                             capacity_factor=1.25, z_coeff=1e-3))
   cfg.train.lr, cfg.train.warmup_steps = 1e-2, 0
   state, train_step = train_setup(cfg, 12)
-  batch = make_batch()
-  losses = []
-  for _ in range(12):
-    state, metrics = train_step(state, batch)
-    losses.append(float(metrics["loss"]))
+  state, metrics, losses = fit(state, train_step, random_batch(), 12)
   assert losses[-1] < 0.7 * losses[0], losses
   assert metrics["moe/load"].shape == (E,)
   np.testing.assert_allclose(metrics["moe/load"].sum(), 1.0, rtol=1e-5)
@@ -238,7 +232,7 @@ def test_aux_is_the_mean_over_moe_layers_and_exits_see_it_too():
                     moe=dict(num_experts=E, top_k=2, d_ff=F, every=2))
   with nnx.use_eager_sharding(False):
     model = LanguageModel(cfg.model, rngs=nnx.Rngs(0))
-  tokens = jnp.asarray(make_batch(2)["tokens"][:, :-1])
+  tokens = jnp.asarray(random_batch(2)["tokens"][:, :-1])
 
   @nnx.jit
   def run(model, tokens):
@@ -272,7 +266,7 @@ def test_num_experts_zero_is_the_dense_model():
   assert {p[-2] for p, _ in flat_a if "ffn" in p} == {"gate_proj", "up_proj", "down_proj"}
   for (_, va), (_, vb) in zip(flat_a, flat_b, strict=True):
     np.testing.assert_array_equal(va[...], vb[...])
-  tokens = jnp.asarray(make_batch(2)["tokens"][:, :-1])
+  tokens = jnp.asarray(random_batch(2)["tokens"][:, :-1])
   (la, aux_a), (lb, _) = a(tokens), b(tokens)
   np.testing.assert_array_equal(la, lb)
   assert aux_a == {}
