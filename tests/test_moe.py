@@ -20,8 +20,8 @@ from research.model.layers import Block, Tokens
 from research.model.lm import LanguageModel
 from research.train import flops
 from tests.model_util import (
+    assert_decodes_like_forward,
     fit,
-    prefill_then_decode,
     random_batch,
     tiny_config,
     train_setup,
@@ -277,12 +277,7 @@ def test_dropless_moe_decodes_like_the_full_forward():
   cfg = tiny_config(vocab_size=64, num_layers=4, recursion=dict(strategy="cycle",
                                                                  num_recursions=2),
                     moe=dict(num_experts=E, top_k=2, d_ff=F, num_shared_experts=1))
-  with nnx.use_eager_sharding(False):
-    model = LanguageModel(cfg.model, rngs=nnx.Rngs(0))
-  tokens_BT = jax.random.randint(jax.random.key(1), (2, 12), 0, 64)
-  want, _ = nnx.jit(lambda m, t: m(t))(model, tokens_BT)
-  np.testing.assert_allclose(prefill_then_decode(model, tokens_BT, 5), want, atol=5e-5,
-                             rtol=1e-5)
+  assert_decodes_like_forward(cfg)
 
 
 def test_flops_count_active_experts_by_hand():
