@@ -260,18 +260,19 @@ def inverse_permutation(perm_M: Array) -> Array:
 
 
 @jax.custom_vjp
-def permute_rows(x_MD: Array, perm_M: Array) -> Array:
-  """x[perm] for a permutation perm; the backward is the inverse-permutation gather instead of the
+def permute_rows(x_MD: Array, perm_M: Array, inv_M: Array) -> Array:
+  """x[perm] for a permutation perm whose inverse is inv (inverse_permutation, computed once by
+  the caller for the sort and the unsort); the backward is the gather g[inv] instead of the
   scatter-add that a take's transpose would be (MaxText _sort_activations)."""
   return x_MD[perm_M]
 
 
-def _permute_fwd(x_MD: Array, perm_M: Array) -> tuple[Array, Array]:
-  return x_MD[perm_M], perm_M
+def _permute_fwd(x_MD: Array, perm_M: Array, inv_M: Array) -> tuple[Array, Array]:
+  return x_MD[perm_M], inv_M
 
 
-def _permute_bwd(perm_M: Array, g_MD: Array) -> tuple[Array, None]:
-  return g_MD[inverse_permutation(perm_M)], None
+def _permute_bwd(inv_M: Array, g_MD: Array) -> tuple[Array, None, None]:
+  return g_MD[inv_M], None, None
 
 
 permute_rows.defvjp(_permute_fwd, _permute_bwd)

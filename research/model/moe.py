@@ -141,11 +141,12 @@ def ragged_experts(x_BTD: Array, w_gate_EDF: Array, w_up_EDF: Array, w_down_EFD:
   b, t, d = x_BTD.shape
   k, num_experts = r.experts.shape[-1], w_gate_EDF.shape[0]
   perm_M, sizes_E = routing.sort_by_expert(r.experts.reshape(-1), r.keep.reshape(-1), num_experts)
-  x_MD = routing.permute_rows(jnp.repeat(x_BTD.reshape(b * t, d), k, axis=0), perm_M)
+  inv_M = routing.inverse_permutation(perm_M)
+  x_MD = routing.permute_rows(jnp.repeat(x_BTD.reshape(b * t, d), k, axis=0), perm_M, inv_M)
   h_MF = (jax.nn.silu(grouped_matmul(x_MD, w_gate_EDF, sizes_E))
           * grouped_matmul(x_MD, w_up_EDF, sizes_E))
   y_MD = grouped_matmul(h_MF, w_down_EFD, sizes_E)
-  y_NKD = routing.permute_rows(y_MD, routing.inverse_permutation(perm_M)).reshape(b * t, k, d)
+  y_NKD = routing.permute_rows(y_MD, inv_M, perm_M).reshape(b * t, k, d)
   y_ND = jnp.einsum("nk,nkd->nd", r.weights.reshape(b * t, k).astype(y_NKD.dtype), y_NKD)
   return y_ND.reshape(b, t, d)
 
