@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 from flax import nnx
 
+from research.model import aux as aux_lib
 from research.model import moe, mor, recursion, routers
 from research.model.layers import (
     NO_CARRY,
@@ -40,7 +41,7 @@ class Stack(nnx.Module):
     self.remat = remat
 
   def __call__(self, x_BTD: Array, tok: Tokens) -> tuple[Array, dict]:
-    """(output, the blocks' aux summed by moe.add_aux)."""
+    """(output, the blocks' aux summed by aux.add_aux)."""
     return self.forward(x_BTD, tok)[:2]
 
   def forward(self, x_BTD: Array, tok: Tokens, carry: Carry = NO_CARRY
@@ -50,7 +51,7 @@ class Stack(nnx.Module):
     for block in self.blocks:
       x_BTD, aux, carry = apply_block(block, x_BTD, tok, carry, remat=self.remat)
       auxes.append(aux)
-    return x_BTD, moe.add_aux(auxes), carry
+    return x_BTD, aux_lib.add_aux(auxes), carry
 
 
 def apply_block(block: Block, x_BTD: Array, tok: Tokens, carry: Carry = NO_CARRY, *,
@@ -106,8 +107,8 @@ class LanguageModel(nnx.Module):
     """Float32 logits [B, T, V] and the aux dict. With `exits` (a recursive core), a list of
     logits, one per loop: the final norm and LM head on the hidden state after each loop (RRT
     §2.4 early exits; the coda runs only on the last), the last entry being the usual output.
-    The aux of the prelude, core and coda are merged by one rule (moe.add_aux, then
-    moe.mean_over_layers: MoE entries are means over the MoE layers)."""
+    The aux of the prelude, core and coda are merged by one rule (aux.add_aux, then
+    aux.mean_over_layers: MoE entries are means over the MoE layers)."""
     x_BTD, tok, pre_aux, carry = self.inputs(tokens_BT, positions_BT, segments_BT)
     if exits:
       if not isinstance(self.core, recursion.Recursion):
@@ -123,7 +124,7 @@ class LanguageModel(nnx.Module):
         x_BTD, aux, carry = self.core.forward(x_BTD, tok, carry)
       x_BTD, coda_aux, _ = self.coda.forward(x_BTD, tok, carry)
       logits = self.logits(x_BTD)
-    aux = moe.mean_over_layers(moe.add_aux([pre_aux, aux, coda_aux]))
+    aux = aux_lib.mean_over_layers(aux_lib.add_aux([pre_aux, aux, coda_aux]))
     if self.step_counter is not None:
       aux["update/step_counter"] = self.step_counter[...] + 1
     return logits, aux

@@ -48,7 +48,7 @@ z_coeff * mean logsumexp(logits)^2, and the statistics "moe/balance", "moe/z", "
 (fraction of assignments per expert), "moe/max_violation", "moe/dropped" (fraction of assignments
 past capacity), "moe/layers" (1). A CoE layer sums its C gate calls' losses (the official code adds
 every gate call's loss) and averages their statistics (`iteration_aux`), one application; the
-model sums layers with `add_aux` and averages them with `mean_over_layers`.
+model sums layers with `aux.add_aux` and averages them with `aux.mean_over_layers`.
 """
 
 from typing import NamedTuple
@@ -60,6 +60,7 @@ from flax import nnx
 
 from research import routing
 from research.kernels import dispatch
+from research.model import aux as aux_lib
 from research.model import routers
 from research.model.layers import NO_CARRY, Carry, SwiGLU, normal_init
 
@@ -332,26 +333,5 @@ def uses_step(m: mlc.ConfigDict) -> bool:
 def iteration_aux(gate_calls: list[dict]) -> dict:
   """One layer's aux from the aux of its C gate calls (CoE): the losses summed, as the official
   code adds the loss of every gate call (spec §2.1), the statistics averaged ("moe/layers" = 1)."""
-  total = add_aux(gate_calls)
+  total = aux_lib.add_aux(gate_calls)
   return {k: v if k.startswith("loss/") else v / len(gate_calls) for k, v in total.items()}
-
-
-def add_aux(parts: list[dict]) -> dict:
-  """Keywise sum of the aux dicts of a model's parts (blocks, stacks, cores)."""
-  out = {}
-  for part in parts:
-    for key, value in part.items():
-      out[key] = out[key] + value if key in out else value
-  return out
-
-
-def mean_over_layers(aux: dict) -> dict:
-  """`aux` (summed over the model's parts by add_aux) with every "moe/" and "loss/moe_" entry
-  divided by the number of MoE applications "moe/layers" (each layer, and each depth of a tied
-  layer, counts once): MoE losses and statistics are means over the MoE layers, as MaxText
-  averages its per-layer balance loss. Other entries (MoR's) pass through."""
-  if "moe/layers" not in aux:
-    return aux
-  n = aux["moe/layers"]
-  return {k: v / n if k != "moe/layers" and k.startswith(("moe/", "loss/moe_")) else v
-          for k, v in aux.items()}

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 from flax import nnx
 
+from research.model import aux as aux_lib
 from research.model import moe
 from research.model.layers import NO_CARRY, Carry, LoRA, Tokens
 
@@ -180,7 +181,7 @@ class Recursion(nnx.Module):
   def loop_outputs(self, x_BTD: Array, tok: Tokens, carry: Carry = NO_CARRY
                    ) -> tuple[list[Array], dict, Carry]:
     """The hidden state after each loop over the shared layers (RRT §2.4 early exits), the last
-    one being the core's output, the blocks' aux summed over depths (moe.add_aux) and the carry.
+    one being the core's output, the blocks' aux summed over depths (aux.add_aux) and the carry.
     A loop is num_shared consecutive depths (cycle plans)."""
     outs = []
     if self.merged:
@@ -195,7 +196,7 @@ class Recursion(nnx.Module):
       auxes.append(aux)
       if (depth + 1) % self.plan.num_shared == 0:
         outs.append(x_BTD)
-    return outs, moe.add_aux(auxes), carry
+    return outs, aux_lib.add_aux(auxes), carry
 
   def at_depth(self, depth: int) -> tuple[nnx.Module, LoRA | None, tuple[Array, Array] | None]:
     """(shared block, LoRA, (attn, ffn) norm scales) of core depth `depth` (per-depth LoRA)."""
