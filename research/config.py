@@ -85,8 +85,6 @@ def validate_model(cfg: mlc.ConfigDict) -> None:
   _one_of(cfg, "model.recursion.init", RECURSIVE_INITS)
   _one_of(cfg, "model.recursion.lora_init", LORA_INITS)
   if m.init_from:
-    _check(m.mor.kind == "none", "model.init_from", m.init_from,
-           "initialising a MoR core from a pretrained model is not supported yet")
     _check(os.path.exists(m.init_from), "model.init_from", m.init_from,
            "no such file or directory (an HF Llama directory or a .gguf file)")
   validate_mor(cfg)
@@ -103,8 +101,9 @@ def validate_mor(cfg: mlc.ConfigDict) -> None:
   if mor.kind == "none":
     return
   _one_of(cfg, "model.recursion.strategy", ("cycle", "middle_cycle"))  # as the MoR code asserts
-  _check(m.recursion.lora_rank == 0 and m.recursion.share_norms, "model.recursion.lora_rank",
-         m.recursion.lora_rank, "MoR runs the plain tied block (no LoRA, share_norms=True)")
+  _check(not m.recursion.lora_merged, "model.recursion.lora_merged", True,
+         "merged LoRAs batch rows at different loops; MoR routes tokens per step: use the "
+         "per-depth LoRA (lora_merged=False)")
   _one_of(cfg, "model.mor.impl", ("gather", "masked"))
   _one_of(cfg, "model.mor.kv", ("cache", "share", "share_update"))
   _one_of(cfg, "model.mor.router", ("linear", "mlp", "wide_mlp"))
@@ -180,8 +179,6 @@ def validate_moe(cfg: mlc.ConfigDict) -> None:
               "first_dense"):
     _check(c[key] >= 0, f"model.moe.{key}", c[key], "must be >= 0")
   _positive(cfg, "model.moe.every")
-  _check(m.mor.kind == "none", "model.moe.num_experts", c.num_experts,
-         "MoE layers in a MoR model are not supported yet (config.model.mor.kind must be 'none')")
   plan = recursion.make_plan(m.recursion.strategy, m.num_layers, m.recursion.num_recursions)
   unique = plan.prelude + plan.num_shared + plan.coda
   routed = [layer for layer in range(unique) if moe.is_moe_layer(m, layer)]

@@ -123,14 +123,19 @@ def token_buffers(num_recursions: int, seq_len: int, factor: float) -> tuple[int
   return tuple(min(seq_len, math.ceil(factor * c * seq_len)) for c in caps)
 
 
-def capped_depths(depth_BT: Array, buffers: tuple[int, ...]) -> Array:
+def capped_depths(depth_BT: Array, buffers: tuple[int, ...], before_BN: Array | None = None
+                  ) -> Array:
   """Depths after overflow: a token runs step r only if it ran r-1 and is among the first
-  buffers[r] such tokens of its row; it exits at its last step (like MoE token dropping)."""
+  buffers[r] such tokens of its row; it exits at its last step (like MoE token dropping).
+  `before_BN`: tokens of each row that already took a slot of step r before these (decoding)."""
   ran_BT = depth_BT >= 1
   out_BT = jnp.zeros_like(depth_BT)
   for r, slots in enumerate(buffers):
     want_BT = ran_BT & (depth_BT >= r + 1)
-    ran_BT = want_BT & (jnp.cumsum(want_BT, axis=1) <= slots)
+    taken_BT = jnp.cumsum(want_BT, axis=1)
+    if before_BN is not None:
+      taken_BT = taken_BT + before_BN[:, r:r + 1]
+    ran_BT = want_BT & (taken_BT <= slots)
     out_BT += ran_BT
   return out_BT
 

@@ -6,7 +6,6 @@ G = H // K query heads per kv head, Dh head width, F MLP width, V vocabulary.
 Every weight carries logical axis names (research/train/mesh.py maps them onto the device mesh).
 """
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -35,14 +34,78 @@ class Tokens(NamedTuple):
     return Tokens(*(jnp.take_along_axis(a, idx_BK, axis=1) for a in self))
 
 
+class KV(NamedTuple):
+  """Keys and values an attention call can read besides its own tokens': k, v [B, S, K, Dh]
+  (RoPE applied) and the metadata of each entry (`tok.segments` 0: an empty entry, never read).
+
+  Two uses: KV sharing (MoR §3.2) keeps recursion 1's entries of a row for the later steps, and
+  a decode cache keeps every past token's entries, each at its position (research/infer)."""
+
+  k: Array
+  v: Array
+  tok: Tokens
+
+  def write(self, new: "KV") -> "KV":
+    """These entries with the new tokens' written at their indices (`new.tok.indices`, the
+    entry positions); a new token with segment 0 (padding, or not routed here) writes nothing."""
+    rows = jnp.arange(self.k.shape[0])[:, None]
+    idx_BT, keep_BT = new.tok.indices, new.tok.segments != 0
+
+    def put(old, val):
+      keep = keep_BT.reshape(keep_BT.shape + (1,) * (old.ndim - 2))
+      return old.at[rows, idx_BT].set(jnp.where(keep, val.astype(old.dtype), old[rows, idx_BT]))
+
+    return KV(put(self.k, new.k), put(self.v, new.v),
+              Tokens(*(put(a, b) for a, b in zip(self.tok, new.tok, strict=True))))
+
+  def overlay(self, top: "KV") -> "KV":
+    """`top`'s filled entries over these (same shapes): where top has an entry, it wins."""
+    has_BS = top.tok.segments != 0
+    pick = lambda a, b: jnp.where(has_BS.reshape(has_BS.shape + (1,) * (a.ndim - 2)), b, a)
+    return KV(pick(self.k, top.k), pick(self.v, top.v),
+              Tokens(*(pick(a, b) for a, b in zip(self.tok, top.tok, strict=True))))
+
+
+def empty_kv(batch: int, length: int, kv_heads: int, head_dim: int, dtype) -> KV:
+  """A decode-cache site of `length` empty entries (entry s at index s)."""
+  zeros = jnp.zeros((batch, length, kv_heads, head_dim), dtype)
+  idx_BS = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  return KV(zeros, zeros, Tokens(jnp.zeros_like(idx_BS), jnp.zeros_like(idx_BS), idx_BS))
+
+
+class Site(NamedTuple):
+  """Which stored keys/values one attention call writes and reads (static).
+
+  name: the call's own entry in the carry's `kv` store. When the store holds it (a decode cache),
+    the new tokens' K/V are written there and the call attends over it; otherwise the call is
+    plain self-attention, its K/V stored under `name` only with `keep` (KV sharing's step 1).
+  shared: read this entry (recursion 1's K/V of the same layer) instead of self-attending; the
+    call then skips its K/V projections, unless `update` (share_update): the new tokens' fresh
+    K/V are laid over the shared entries for this call (and kept in `name` when it is a cache).
+  """
+
+  name: str | None = None
+  shared: str | None = None
+  update: bool = False
+  keep: bool = False
+
+
+SELF_ATTENTION = Site()  # plain self-attention over the new tokens, nothing stored
+
+
 class Carry(NamedTuple):
-  """What a block hands the next one next to the hidden states (shared/DESIGN.md): `router`, the
-  recurrent router's per-token state h_BTP (RMoE, routers.RecurrentRouter; None before the first
-  MoE layer, read as h_0 = 0), and `step`, the optimizer steps seen so far (ReXMoE's PSR schedule;
-  None when no layer needs it). Dense and linear-router MoE layers pass it on unchanged."""
+  """What flows through the model next to the hidden states, block to block (docs/architecture.md):
+  `router`, the recurrent router's per-token state h_BTP (RMoE, routers.RecurrentRouter; None
+  before the first MoE layer, read as h_0 = 0); `step`, the optimizer steps seen so far (ReXMoE's
+  PSR schedule; None when no layer needs it); `kv`, the stored keys/values attention calls write
+  and read by Site name (KV sharing in training, every site of a decode cache); `depth`, when
+  decoding a MoR model, the recursion steps each cached token ran [B, S]. Dense and linear-router
+  MoE layers pass `router` on unchanged."""
 
   router: Array | None = None
   step: Array | None = None
+  kv: dict[str, KV] | None = None
+  depth: Array | None = None
 
 
 NO_CARRY = Carry()  # the carry entering the first block
@@ -51,10 +114,6 @@ NO_CARRY = Carry()  # the carry entering the first block
 def normal_init(std: float, names: tuple[str | None, ...]):
   return nnx.with_partitioning(nnx.initializers.normal(std), names)
 
-
-# (q_BTHD, k_BTKD, v_BTKD) of a block's new tokens, RoPE applied -> attention output [B, T, H, Dh]:
-# replaces a block's self-attention (research/infer attends over a KV cache instead).
-Attend = Callable[[Array, Array, Array], Array]
 
 # projection name -> (A [in, r], B [r, out]) of one depth, or (A, B, gate [B, r]) of a merged
 # LoRA whose rank components are switched on per batch row (recursion.DepthLoRA.merged).
@@ -238,23 +297,38 @@ class Attention(nnx.Module):
     self.o_proj = linear(cfg.num_heads * dh, d, ("heads", "embed"))
 
   def __call__(self, x_BTD: Array, tok: Tokens, lora: LoRA | None = None,
-               attend: Attend | None = None) -> Array:
-    """`attend`, when given, replaces the block-causal self-attention over `tok`."""
+               site: Site = SELF_ATTENTION, kv: dict[str, KV] | None = None
+               ) -> tuple[Array, dict[str, KV] | None]:
+    """(output, the kv store after this call): self-attention over `tok`, or over stored keys and
+    values as `site` says (Site)."""
     b, t, _ = x_BTD.shape
-    q = project(self.q_proj, "q_proj", x_BTD, lora)
-    k = project(self.k_proj, "k_proj", x_BTD, lora)
-    v = project(self.v_proj, "v_proj", x_BTD, lora)
-    q = apply_rope(q.reshape(b, t, self.num_heads, self.head_dim), tok.positions, self.rope_theta)
-    k = apply_rope(k.reshape(b, t, self.num_kv_heads, self.head_dim), tok.positions,
-                   self.rope_theta)
-    v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
-    if attend is None:
+    heads, kv_heads, dh = self.num_heads, self.num_kv_heads, self.head_dim
+    kv = {} if kv is None else kv
+    q = apply_rope(project(self.q_proj, "q_proj", x_BTD, lora).reshape(b, t, heads, dh),
+                   tok.positions, self.rope_theta)
+    if site.shared is not None and not site.update:  # read recursion 1's K/V: no projections
+      read = kv[site.shared]
+    else:
+      k = apply_rope(project(self.k_proj, "k_proj", x_BTD, lora).reshape(b, t, kv_heads, dh),
+                     tok.positions, self.rope_theta)
+      v = project(self.v_proj, "v_proj", x_BTD, lora).reshape(b, t, kv_heads, dh)
+      own = KV(k, v, tok)
+      read = None  # None: self-attention over the new tokens
+      if site.name in kv:  # a decode cache: write, then read the whole site
+        kv = {**kv, site.name: kv[site.name].write(own)}
+        read = kv[site.name]
+      elif site.keep:
+        kv = {**kv, site.name: own}
+      if site.shared is not None:  # share_update: the fresh K/V over recursion 1's
+        base = kv[site.shared]
+        read = base.write(own) if read is None else base.overlay(read)
+    if read is None:
       out_BTHD = block_causal_attention(q, k, v, tok, cross_segments=self.cross_segments,
                                         block=causal_block(t))
     else:
-      out_BTHD = attend(q, k, v)
-    out = out_BTHD.reshape(b, t, self.num_heads * self.head_dim)
-    return project(self.o_proj, "o_proj", out, lora)
+      mask_BTS = attention_mask(tok, read.tok, causal=True, cross_segments=self.cross_segments)
+      out_BTHD = dot_product_attention(q, read.k, read.v, mask_BTS)
+    return project(self.o_proj, "o_proj", out_BTHD.reshape(b, t, heads * dh), lora), kv
 
 
 class SwiGLU(nnx.Module):
@@ -294,18 +368,20 @@ class Block(nnx.Module):
                              param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x_BTD: Array, tok: Tokens, lora: LoRA | None = None,
-               norms: tuple[Array, Array] | None = None, attend: Attend | None = None) -> Array:
+               norms: tuple[Array, Array] | None = None) -> Array:
     """The block's output without its aux (`forward`)."""
-    return self.forward(x_BTD, tok, lora, norms, attend)[0]
+    return self.forward(x_BTD, tok, lora, norms)[0]
 
   def forward(self, x_BTD: Array, tok: Tokens, lora: LoRA | None = None,
-              norms: tuple[Array, Array] | None = None, attend: Attend | None = None,
+              norms: tuple[Array, Array] | None = None, *, site: Site = SELF_ATTENTION,
               carry: Carry = NO_CARRY) -> tuple[Array, dict, Carry]:
     """(output, aux of a routed FFN or {}, carry). `lora`: this depth's LoRA pairs; `norms`: this
-    depth's (attn, ffn) norm scales; `attend`: replaces the self-attention (Attention.__call__);
-    `carry`: from the previous block (Carry)."""
+    depth's (attn, ffn) norm scales; `site`: the stored K/V its attention writes and reads
+    (Site; by default plain self-attention); `carry`: from the previous block (Carry)."""
     attn_scale, ffn_scale = (None, None) if norms is None else norms
-    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD, attn_scale), tok, lora, attend)
+    y_BTD, kv = self.attn(self.attn_norm(x_BTD, attn_scale), tok, lora, site, carry.kv)
+    carry = carry._replace(kv=kv or carry.kv)
+    x_BTD = x_BTD + y_BTD
     h_BTD = self.ffn_norm(x_BTD, ffn_scale)
     if isinstance(self.ffn, SwiGLU):
       return constrain_activations(x_BTD + self.ffn(h_BTD, lora)), {}, carry

@@ -1,8 +1,9 @@
 """The one language model: embed -> prelude -> core -> coda -> final norm -> LM head.
 
-Methods differ only in the core (a plain stack, or the tied recursion of recursion.py; MoR plugs
-into the same slot) and in the FFN slot of a block. The model returns logits and a flat dict of
-auxiliary outputs (weighted losses under keys starting with "loss/", statistics otherwise).
+Methods differ only in the core (recursion.Recursion: a plain stack of unique layers, a tied
+recursion, optionally with a MoR routing rule plugged in) and in the FFN slot of a block. The
+model returns logits, a flat dict of auxiliary outputs (weighted losses under keys starting with
+"loss/", statistics otherwise) and, when decoding, the cache.
 """
 
 import jax
@@ -11,13 +12,16 @@ import ml_collections as mlc
 from flax import nnx
 
 from research.model import aux as aux_lib
-from research.model import moe, mor, recursion, routers
+from research.model import cache as cache_lib
+from research.model import moe, recursion, routers
+from research.model.cache import Cache
 from research.model.layers import (
     NO_CARRY,
     Block,
     Carry,
     Embed,
     RMSNorm,
+    Site,
     Tokens,
     constrain_activations,
     normal_init,
@@ -34,11 +38,12 @@ def resolve_dtype(name: str):
 
 
 class Stack(nnx.Module):
-  """A sequence of independent blocks (the vanilla core)."""
+  """A sequence of independent blocks (the prelude and the coda), attention site "<name>/<i>"."""
 
-  def __init__(self, blocks: list[Block], *, remat: bool):
+  def __init__(self, blocks: list[Block], *, remat: bool, name: str):
     self.blocks = nnx.List(blocks)
     self.remat = remat
+    self.name = name
 
   def __call__(self, x_BTD: Array, tok: Tokens) -> tuple[Array, dict]:
     """(output, the blocks' aux summed by aux.add_aux)."""
@@ -48,18 +53,15 @@ class Stack(nnx.Module):
               ) -> tuple[Array, dict, Carry]:
     """(output, summed aux, carry): the carry goes from block to block (layers.Carry)."""
     auxes = []
-    for block in self.blocks:
-      x_BTD, aux, carry = apply_block(block, x_BTD, tok, carry, remat=self.remat)
+    for i, block in enumerate(self.blocks):
+      fn = lambda blk, x, t, c, i=i: blk.forward(x, t, site=Site(f"{self.name}/{i}"), carry=c)
+      x_BTD, aux, carry = (nnx.remat(fn) if self.remat else fn)(block, x_BTD, tok, carry)
       auxes.append(aux)
     return x_BTD, aux_lib.add_aux(auxes), carry
 
-
-def apply_block(block: Block, x_BTD: Array, tok: Tokens, carry: Carry = NO_CARRY, *,
-                remat: bool) -> tuple[Array, dict, Carry]:
-  """block.forward(x, tok, carry=carry), rematerialised in the backward pass when `remat`."""
-  if remat:
-    return nnx.remat(lambda blk, x, t, c: blk.forward(x, t, carry=c))(block, x_BTD, tok, carry)
-  return block.forward(x_BTD, tok, carry=carry)
+  def sites(self) -> list[str]:
+    """The names of the decode-cache entries the blocks write."""
+    return [f"{self.name}/{i}" for i in range(len(self.blocks))]
 
 
 class LanguageModel(nnx.Module):
@@ -80,16 +82,11 @@ class LanguageModel(nnx.Module):
       """Unique layers first..first+n-1, routed where moe.is_moe_layer says so."""
       return [Block(cfg, **kw, ffn=routed_ffn(i)) for i in range(first, first + n)]
 
-    self.prelude = Stack(blocks(0, plan.prelude), remat=remat)
+    self.prelude = Stack(blocks(0, plan.prelude), remat=remat, name="prelude")
     shared = blocks(plan.prelude, plan.num_shared)
-    if cfg.recursion.strategy == "none":
-      self.core = Stack(shared, remat=remat)
-    elif cfg.mor.kind != "none":
-      self.core = mor.MoR(plan, shared, cfg, remat=remat, param_dtype=param_dtype, rngs=rngs)
-    else:
-      self.core = recursion.Recursion(plan, shared, cfg, remat=remat, param_dtype=param_dtype,
-                                      rngs=rngs)
-    self.coda = Stack(blocks(plan.prelude + plan.num_shared, plan.coda), remat=remat)
+    self.core = recursion.Recursion(plan, shared, cfg, remat=remat, param_dtype=param_dtype,
+                                    rngs=rngs)
+    self.coda = Stack(blocks(plan.prelude + plan.num_shared, plan.coda), remat=remat, name="coda")
     self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
     if cfg.tie_embeddings:
       self.head = None
@@ -102,32 +99,45 @@ class LanguageModel(nnx.Module):
                          else None)
 
   def __call__(self, tokens_BT: Array, positions_BT: Array | None = None,
-               segments_BT: Array | None = None, *, exits: bool = False
-               ) -> tuple[Array | list[Array], dict]:
-    """Float32 logits [B, T, V] and the aux dict. With `exits` (a recursive core), a list of
-    logits, one per loop: the final norm and LM head on the hidden state after each loop (RRT
-    §2.4 early exits; the coda runs only on the last), the last entry being the usual output.
-    The aux of the prelude, core and coda are merged by one rule (aux.add_aux, then
-    aux.mean_over_layers: MoE entries are means over the MoE layers)."""
-    x_BTD, tok, pre_aux, carry = self.inputs(tokens_BT, positions_BT, segments_BT)
+               segments_BT: Array | None = None, *, cache: Cache | None = None,
+               exits: bool = False) -> tuple[Array | list[Array], dict, Cache | None]:
+    """(logits, aux, cache): float32 logits [B, T, V], the aux dict and, when decoding, the cache
+    after these tokens (None without one).
+
+    Training and decoding are this one forward. With a `cache` (model/cache.py), the T new tokens
+    sit at positions cache.length.. of their rows, every attention writes their keys/values
+    into its cache site and reads the whole site, and MoR routes causally (mor.py); prefill and a
+    decode step are this call with T = the prompt length and T = 1 (research/infer/decode.py).
+    With `exits` (a recursive core), logits is a list, one per loop: the final norm and LM head
+    on the hidden state after each loop (RRT §2.4 early exits; the coda runs only on the last),
+    the last entry being the usual output. The aux of the prelude, core and coda are merged by
+    one rule (aux.add_aux, then aux.mean_over_layers: MoE entries are means over the MoE
+    layers)."""
+    x_BTD, tok, pre_aux, carry = self.inputs(tokens_BT, positions_BT, segments_BT, cache)
     if exits:
-      if not isinstance(self.core, recursion.Recursion):
-        raise ValueError("early exits need a recursive core (config.model.recursion.strategy "
-                         "cycle | middle_cycle, config.model.mor.kind='none')")
       loops, aux, carry = self.core.loop_outputs(x_BTD, tok, carry)
-      x_BTD, coda_aux, _ = self.coda.forward(loops[-1], tok, carry)
+      x_BTD, coda_aux, carry = self.coda.forward(loops[-1], tok, carry)
       logits = [self.logits(h_BTD) for h_BTD in loops[:-1]] + [self.logits(x_BTD)]
     else:
-      if isinstance(self.core, mor.MoR):  # no MoE in a MoR core (config.py): the carry passes
-        (x_BTD, aux), carry = self.core(x_BTD, tok), carry
-      else:
-        x_BTD, aux, carry = self.core.forward(x_BTD, tok, carry)
-      x_BTD, coda_aux, _ = self.coda.forward(x_BTD, tok, carry)
+      x_BTD, aux, carry = self.core.forward(x_BTD, tok, carry)
+      x_BTD, coda_aux, carry = self.coda.forward(x_BTD, tok, carry)
       logits = self.logits(x_BTD)
     aux = aux_lib.mean_over_layers(aux_lib.add_aux([pre_aux, aux, coda_aux]))
     if self.step_counter is not None:
       aux["update/step_counter"] = self.step_counter[...] + 1
-    return logits, aux
+    if cache is not None:
+      cache = cache_lib.advance(cache, carry.kv, tok, aux.get("route/depth"))
+    return logits, aux, cache
+
+  def sites(self) -> list[str]:
+    """The attention sites a decode cache holds, in the order the forward writes them."""
+    return self.prelude.sites() + self.core.sites() + self.coda.sites()
+
+  def init_cache(self, batch: int, max_len: int) -> Cache:
+    """An empty decode cache for `batch` rows of up to `max_len` tokens, in the compute dtype."""
+    attn = self.core.blocks[0].attn
+    return cache_lib.empty(self.sites(), batch, max_len, attn.num_kv_heads, attn.head_dim,
+                           self.embed.dtype)
 
   def core_inputs(self, tokens_BT: Array, positions_BT: Array | None = None,
                   segments_BT: Array | None = None) -> tuple[Array, Tokens]:
@@ -135,20 +145,26 @@ class LanguageModel(nnx.Module):
     return self.inputs(tokens_BT, positions_BT, segments_BT)[:2]
 
   def inputs(self, tokens_BT: Array, positions_BT: Array | None = None,
-             segments_BT: Array | None = None) -> tuple[Array, Tokens, dict, Carry]:
+             segments_BT: Array | None = None, cache: Cache | None = None
+             ) -> tuple[Array, Tokens, dict, Carry]:
     """The hidden states entering the core (embedding, then the prelude layers), the tokens'
-    metadata (positions default to 0..T-1, segments to one document per row), the prelude's
-    aux and the carry leaving it (layers.Carry)."""
+    metadata (positions default to 0..T-1, or after the cached tokens; segments to one document
+    per row), the prelude's aux and the carry leaving it (layers.Carry; the cache's sites and
+    depths in it when decoding)."""
     b, t = tokens_BT.shape
-    indices_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    tok = Tokens(positions=indices_BT if positions_BT is None else positions_BT,
-                 segments=jnp.ones_like(tokens_BT) if segments_BT is None else segments_BT,
-                 indices=indices_BT)
+    segments_BT = jnp.ones_like(tokens_BT) if segments_BT is None else segments_BT
+    if cache is None:
+      indices_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      tok = Tokens(positions=indices_BT if positions_BT is None else positions_BT,
+                   segments=segments_BT, indices=indices_BT)
+      carry = Carry()
+    else:
+      tok = cache_lib.new_tokens(cache, positions_BT, segments_BT)
+      carry = Carry(kv=cache.kv, depth=cache.depth if self.core.rule is not None else None)
     x_BTD = constrain_activations(self.embed(tokens_BT))
     step = None if self.step_counter is None else self.step_counter[...]
-    x_BTD, aux, carry = self.prelude.forward(x_BTD, tok, Carry(step=step))
+    x_BTD, aux, carry = self.prelude.forward(x_BTD, tok, carry._replace(step=step))
     return x_BTD, tok, aux, carry
-
   def logits(self, x_BTD: Array) -> Array:
     """The exit head: final norm then the (tied or untied) LM head, float32 [B, T, V]."""
     x_BTD = self.norm(x_BTD)

@@ -61,7 +61,7 @@ from flax import nnx
 from research import routing
 from research.kernels import dispatch
 from research.model import aux as aux_lib
-from research.model import routers
+from research.model import routed, routers
 from research.model.layers import NO_CARRY, Carry, SwiGLU, normal_init
 
 Array = jax.Array
@@ -135,21 +135,27 @@ def dense_experts(x_BTD: Array, w_gate_EDF: Array, w_up_EDF: Array, w_down_EFD: 
 
 def ragged_experts(x_BTD: Array, w_gate_EDF: Array, w_up_EDF: Array, w_down_EFD: Array,
                    r: Routing, gmm: str = "xla") -> Array:
-  """Sorted path: the N k assignments sorted by expert (dropped ones last, outside every group),
-  three grouped matmuls (`gmm`: research/kernels/dispatch.py, "xla" = jax.lax.ragged_dot),
-  unsorted and summed over k with the gates (MaxText sparse_matmul)."""
+  """Sorted path through routed.routed_apply: the N k assignments sorted by expert (dropped ones
+  last, outside every group) are the slots, three grouped matmuls (`gmm`:
+  research/kernels/dispatch.py, "xla" = jax.lax.ragged_dot) the compute, and the results come
+  back by the inverse permutation, gate-weighted and summed over k (MaxText sparse_matmul)."""
   grouped_matmul = dispatch.grouped_matmul_fn(gmm)
   b, t, d = x_BTD.shape
   k, num_experts = r.experts.shape[-1], w_gate_EDF.shape[0]
   perm_M, sizes_E = routing.sort_by_expert(r.experts.reshape(-1), r.keep.reshape(-1), num_experts)
   inv_M = routing.inverse_permutation(perm_M)
-  x_MD = routing.permute_rows(jnp.repeat(x_BTD.reshape(b * t, d), k, axis=0), perm_M, inv_M)
-  h_MF = (jax.nn.silu(grouped_matmul(x_MD, w_gate_EDF, sizes_E))
-          * grouped_matmul(x_MD, w_up_EDF, sizes_E))
-  y_MD = grouped_matmul(h_MF, w_down_EFD, sizes_E)
-  y_NKD = routing.permute_rows(y_MD, inv_M, perm_M).reshape(b * t, k, d)
-  y_ND = jnp.einsum("nk,nkd->nd", r.weights.reshape(b * t, k).astype(y_NKD.dtype), y_NKD)
-  return y_ND.reshape(b, t, d)
+  slots = routed.Slots(perm_M[None], r.keep.reshape(-1)[perm_M][None], inv_M[None])
+  w_1M = routing.permute_rows(r.weights.reshape(-1, 1), perm_M, inv_M).reshape(1, -1)
+
+  def experts(x_1MD: Array) -> tuple[Array, None]:
+    x_MD = x_1MD[0]
+    h_MF = (jax.nn.silu(grouped_matmul(x_MD, w_gate_EDF, sizes_E))
+            * grouped_matmul(x_MD, w_up_EDF, sizes_E))
+    return grouped_matmul(h_MF, w_down_EFD, sizes_E)[None], None
+
+  x_1MD = jnp.repeat(x_BTD.reshape(b * t, d), k, axis=0)[None]  # assignment m = token m // k
+  y_1MD, _ = routed.routed_apply(x_1MD, slots, experts, w_1M, mode="out")
+  return jnp.sum(y_1MD.reshape(b * t, k, d), axis=1).reshape(b, t, d)
 
 
 IMPLS = {"dense": dense_experts, "ragged": ragged_experts}

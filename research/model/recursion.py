@@ -12,6 +12,7 @@ full rank can reproduce any untied model.
 """
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +20,11 @@ import ml_collections as mlc
 from flax import nnx
 
 from research.model import aux as aux_lib
-from research.model import moe
-from research.model.layers import NO_CARRY, Carry, LoRA, Tokens
+from research.model import moe, mor, routed
+from research.model.layers import NO_CARRY, SELF_ATTENTION, Carry, LoRA, Site, Tokens
 
 Array = jax.Array
+SITE = "core"  # decode-cache site names of the core: core/<depth>
 
 STRATEGIES = ("none", "cycle", "sequence", "middle_cycle", "middle_sequence")
 
@@ -146,8 +148,13 @@ class DepthLoRA(nnx.Module):
 
 
 class Recursion(nnx.Module):
-  """The tied core: shared blocks run in plan order, each depth with its own LoRA and norms.
+  """The one recursion core: the shared blocks run in plan order, each depth with its own LoRA
+  and norms, and optionally a MoR routing rule deciding which tokens run each recursion step.
 
+  A plain stack (strategy "none": every depth its own block) and the tied cores are this one
+  class; with `rule` (mor.ExpertChoice | mor.TokenChoice) a step r (the num_shared depths of
+  loop r) runs through routed.py on the tokens the rule selects. The rule's networks are the
+  core's attributes `router`, `aux_router`, `bias`, `counter` (None when absent).
   With `recursion.lora_merged`, each loop runs through `loop_step` with the merged per-loop
   LoRAs (same outputs, the form that batches samples at different loops; cycle plans only).
   """
@@ -159,7 +166,7 @@ class Recursion(nnx.Module):
     self.remat = remat
     self.merged = m.recursion.lora_merged
     depths = len(plan.order)
-    shapes = lora_shapes(m)
+    shapes = lora_shapes(m) if m.recursion.strategy != "none" else {}
     self.lora = DepthLoRA(shapes, depths, param_dtype=param_dtype, rngs=rngs) if shapes else None
     if m.recursion.share_norms:
       self.attn_norms = self.ffn_norms = None
@@ -167,6 +174,10 @@ class Recursion(nnx.Module):
       init = nnx.with_partitioning(nnx.initializers.ones, (None, "norm"))
       self.attn_norms = nnx.Param(init(rngs.params(), (depths, m.d_model), param_dtype))
       self.ffn_norms = nnx.Param(init(rngs.params(), (depths, m.d_model), param_dtype))
+    self.rule = mor.make_rule(m)
+    for name, module in mor.build_router(m, param_dtype=param_dtype, rngs=rngs).items():
+      setattr(self, name, module)
+    self.kv_mode = m.mor.kv if self.rule is not None else "cache"
 
   def __call__(self, x_BTD: Array, tok: Tokens) -> tuple[Array, dict]:
     return self.forward(x_BTD, tok)[:2]
@@ -174,7 +185,10 @@ class Recursion(nnx.Module):
   def forward(self, x_BTD: Array, tok: Tokens, carry: Carry = NO_CARRY
               ) -> tuple[Array, dict, Carry]:
     """(output, aux summed over depths, carry): the carry runs through every depth in order, so a
-    recurrent router's state goes on when a shared MoE layer runs again (layers.Carry)."""
+    recurrent router's state goes on when a shared MoE layer runs again (layers.Carry). A MoR
+    rule adds its statistics, losses and decisions (aux "route/...", mor.routes) to the aux."""
+    if self.rule is not None:
+      return self.rule(self, x_BTD, tok, carry)
     outs, aux, carry = self.loop_outputs(x_BTD, tok, carry)
     return outs[-1], aux, carry
 
@@ -186,17 +200,44 @@ class Recursion(nnx.Module):
     outs = []
     if self.merged:
       for loop in range(self.plan.num_recursions):
-        x_BTD = self.loop_step(x_BTD, tok, jnp.full((x_BTD.shape[0],), loop, jnp.int32))
+        x_BTD, carry = self.loop_step(x_BTD, tok, jnp.full((x_BTD.shape[0],), loop, jnp.int32),
+                                      carry, loop=loop)
         outs.append(x_BTD)
       return outs, {}, carry
     auxes = []
     for depth in range(len(self.plan.order)):
-      block, lora, norms = self.at_depth(depth)
-      x_BTD, aux, carry = self.step(block, x_BTD, tok, lora, norms, carry)
+      x_BTD, aux, carry = self.step(depth, x_BTD, tok, carry)
       auxes.append(aux)
       if (depth + 1) % self.plan.num_shared == 0:
         outs.append(x_BTD)
     return outs, aux_lib.add_aux(auxes), carry
+
+  def run_step(self, r: int, x_BTD: Array, tok: Tokens, slots: routed.Slots, carry: Carry,
+               gate_BK: Array | None = None, *, mode: str,
+               then: Callable[[Array, Array], Array] | None = None
+               ) -> tuple[Array, tuple[dict, Carry]]:
+    """Recursion step r (its num_shared depths) on the tokens of `slots` only, through
+    routed.routed_apply: the slots' tokens are gathered with their metadata (spare slots marked
+    as padding, so nobody attends to them) and their recurrent-router state, the depths run on
+    them, `then(x_K, y_K)` makes the slots' results (default: the depths' output) and these go
+    back scattered with `gate_BK` by `mode` (routed.scatter). Returns x and (aux, carry)."""
+    b = self.plan.num_shared
+
+    def compute(x_BKD: Array) -> tuple[Array, tuple[dict, Carry]]:
+      tok_K = tok if slots.idx is None else tok.take(slots.idx)
+      tok_K = tok_K._replace(segments=jnp.where(slots.valid, tok_K.segments, 0))
+      inner = carry if carry.router is None else carry._replace(
+          router=routed.gather(carry.router, slots))
+      y_BKD, auxes = x_BKD, []
+      for depth in range(r * b, (r + 1) * b):
+        y_BKD, aux, inner = self.step(depth, y_BKD, tok_K, inner)
+        auxes.append(aux)
+      return (y_BKD if then is None else then(x_BKD, y_BKD)), (aux_lib.add_aux(auxes), inner)
+
+    x_BTD, (aux, inner) = routed.routed_apply(x_BTD, slots, compute, gate_BK, mode)
+    if carry.router is not None:
+      inner = inner._replace(router=routed.scatter(carry.router, inner.router, slots, mode="set"))
+    return x_BTD, (aux, inner)
 
   def at_depth(self, depth: int) -> tuple[nnx.Module, LoRA | None, tuple[Array, Array] | None]:
     """(shared block, LoRA, (attn, ffn) norm scales) of core depth `depth` (per-depth LoRA)."""
@@ -204,9 +245,30 @@ class Recursion(nnx.Module):
     norms = None if self.attn_norms is None else (self.attn_norms[depth], self.ffn_norms[depth])
     return self.blocks[self.plan.order[depth]], lora, norms
 
-  def loop_step(self, x_BTD: Array, tok: Tokens, loop_B: Array) -> Array:
+  def site(self, depth: int) -> Site:
+    """The stored K/V the attention at core depth `depth` writes and reads (layers.Site): its own
+    decode-cache entry "core/<depth>"; with MoR KV sharing, the depths of step 1 keep theirs and
+    later steps read those of the same position in the step (share_update: with their fresh K/V
+    on top, cached per depth when decoding)."""
+    name, b = f"{SITE}/{depth}", self.plan.num_shared
+    if self.kv_mode == "cache":
+      return Site(name)
+    if depth < b:
+      return Site(name, keep=True)
+    shared = f"{SITE}/{depth % b}"
+    return Site(name, shared, update=True) if self.kv_mode == "share_update" else Site(
+        shared=shared)
+
+  def sites(self) -> list[str]:
+    """The names of the decode-cache entries this core writes (site)."""
+    return [s.name for s in map(self.site, range(len(self.plan.order)))
+            if s.name is not None]
+
+  def loop_step(self, x_BTD: Array, tok: Tokens, loop_B: Array, carry: Carry = NO_CARRY, *,
+                loop: int | None = None) -> tuple[Array, Carry]:
     """One pass over the shared layers, row b at loop loop_B[b] (its LoRAs and norms): the
-    step of continuous depth-wise batching (RRT §2.4, App. K), merged LoRAs. Cycle plans."""
+    step of continuous depth-wise batching (RRT §2.4, App. K), merged LoRAs. Cycle plans. With
+    `loop` (every row at that loop), the attention uses that loop's cache sites."""
     for j in range(self.plan.num_shared):
       depths = [d for d, k in enumerate(self.plan.order) if k == j]  # loop b -> depths[b]
       lora = None if self.lora is None else self.lora.merged(depths, loop_B)
@@ -214,16 +276,21 @@ class Recursion(nnx.Module):
       if self.attn_norms is not None:
         depth_B = jnp.asarray(depths, jnp.int32)[loop_B]
         norms = (self.attn_norms[...][depth_B], self.ffn_norms[...][depth_B])
-      x_BTD, _, _ = self.step(self.blocks[j], x_BTD, tok, lora, norms)  # no MoE (config.py)
-    return x_BTD
+      site = SELF_ATTENTION if loop is None else self.site(depths[loop])
+      x_BTD, _, carry = self.call(self.blocks[j], x_BTD, tok, lora, norms, site, carry)
+    return x_BTD, carry
 
-  def step(self, block, x_BTD, tok, lora, norms, carry: Carry = NO_CARRY
+  def step(self, depth: int, x_BTD: Array, tok: Tokens, carry: Carry = NO_CARRY
            ) -> tuple[Array, dict, Carry]:
-    """block.forward at one depth, rematerialised when `remat`."""
-    if self.remat:
-      return nnx.remat(lambda b, x, t, lo, no, c: b.forward(x, t, lo, no, carry=c))(
-          block, x_BTD, tok, lora, norms, carry)
-    return block.forward(x_BTD, tok, lora, norms, carry=carry)
+    """Core depth `depth` (its block, LoRA, norms and site) on x."""
+    block, lora, norms = self.at_depth(depth)
+    return self.call(block, x_BTD, tok, lora, norms, self.site(depth), carry)
+
+  def call(self, block, x_BTD, tok, lora, norms, site: Site, carry: Carry
+           ) -> tuple[Array, dict, Carry]:
+    """block.forward, rematerialised in the backward pass when `remat`."""
+    fn = lambda blk, x, t, lo, no, c: blk.forward(x, t, lo, no, site=site, carry=c)
+    return (nnx.remat(fn) if self.remat else fn)(block, x_BTD, tok, lora, norms, carry)
 
 
 def non_embedding_params(m: mlc.ConfigDict) -> int:
