@@ -96,6 +96,6 @@ def assert_decodes_like_forward(cfg: mlc.ConfigDict, *, prompt: int = 5, t: int 
   with nnx.use_eager_sharding(False):
     model = LanguageModel(cfg.model, rngs=nnx.Rngs(0))
   tokens_BT = jax.random.randint(jax.random.key(1), (2, t), 0, cfg.model.vocab_size)
-  want, _ = nnx.jit(lambda m, x: m(x))(model, tokens_BT)
+  want, _, _ = nnx.jit(lambda m, x: m(x))(model, tokens_BT)
   np.testing.assert_allclose(prefill_then_decode(model, tokens_BT, prompt), want, atol=5e-5,
                              rtol=1e-5)

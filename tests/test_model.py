@@ -99,8 +99,8 @@ def model():
 def test_logits_are_causal(model):
   tokens = jax.random.randint(jax.random.key(0), (1, 10), 0, 64)
   changed = tokens.at[0, 6].set((tokens[0, 6] + 1) % 64)
-  a, _ = model(tokens)
-  b, _ = model(changed)
+  a, _, _ = model(tokens)
+  b, _, _ = model(changed)
   np.testing.assert_array_equal(a[0, :6], b[0, :6])
   assert not np.allclose(a[0, 6:], b[0, 6:])
 
@@ -113,8 +113,8 @@ def test_packed_documents_do_not_see_each_other(cross):
   seg = jnp.array([[1] * 4 + [2] * 6])
   pos = jnp.array([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
   changed = tokens.at[0, 1].set((tokens[0, 1] + 1) % 64)
-  a, _ = m(tokens, pos, seg)
-  b, _ = m(changed, pos, seg)
+  a, _, _ = m(tokens, pos, seg)
+  b, _, _ = m(changed, pos, seg)
   same = np.allclose(a[0, 4:], b[0, 4:], atol=0)
   assert same == (not cross)
 
@@ -126,8 +126,8 @@ def test_first_document_token_matches_unpacked_run(model):
   packed = jnp.concatenate([doc1, doc2], axis=1)
   seg = jnp.array([[1] * 5 + [2] * 6])
   pos = jnp.array([list(range(5)) + list(range(6))])
-  got, _ = model(packed, pos, seg)
-  want, _ = model(doc2)
+  got, _, _ = model(packed, pos, seg)
+  want, _, _ = model(doc2)
   np.testing.assert_allclose(got[0, 5:], want[0], atol=1e-5)
 
 
@@ -149,6 +149,6 @@ def test_param_count_and_init(model):
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   with nnx.use_eager_sharding(False):
     m = LanguageModel(tiny_config(compute_dtype="bfloat16").model, rngs=nnx.Rngs(0))
-  logits, _ = m(jnp.zeros((1, 4), jnp.int32))
+  logits, _, _ = m(jnp.zeros((1, 4), jnp.int32))
   assert logits.dtype == jnp.float32
   assert m.core.blocks[0].attn.q_proj.kernel[...].dtype == jnp.float32

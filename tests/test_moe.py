@@ -236,8 +236,8 @@ def test_aux_is_the_mean_over_moe_layers_and_exits_see_it_too():
 
   @nnx.jit
   def run(model, tokens):
-    _, aux = model(tokens)
-    _, exit_aux = model(tokens, exits=True)
+    _, aux, _ = model(tokens)
+    _, exit_aux, _ = model(tokens, exits=True)
     x_BTD, tok = model.core_inputs(tokens)
     per_depth = []  # shared layer 1 (every=2) is the MoE one; it runs at depths 1 and 3
     for depth in range(4):

@@ -17,7 +17,7 @@ from flax import nnx
 from research import config as config_lib
 from research import routing
 from research.model import mor, recursion
-from research.model.layers import Block, Tokens
+from research.model.layers import Block, Site, Tokens
 from research.model.lm import LanguageModel
 from tests.model_util import tiny_config, train_setup, with_mor
 
@@ -42,9 +42,14 @@ def core_and_forward(**overrides):
   rngs = nnx.Rngs(0)
   with nnx.use_eager_sharding(False):
     blocks = [Block(m, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)]
-    core = mor.MoR(plan, blocks, m, remat=False, param_dtype=jnp.float32, rngs=rngs)
+    core = recursion.Recursion(plan, blocks, m, remat=False, param_dtype=jnp.float32, rngs=rngs)
   graphdef = nnx.graphdef(core)
-  fwd = jax.jit(lambda state, x, tok: nnx.merge(graphdef, state).forward(x, tok))
+
+  def forward(state, x, tok):
+    y, aux, _ = nnx.merge(graphdef, state).forward(x, tok)
+    return y, {k: v for k, v in aux.items() if not k.startswith("route/")}, mor.routes(aux)
+
+  fwd = jax.jit(forward)
   return core, lambda core, x, tok: fwd(nnx.state(core), x, tok)
 
 
@@ -98,13 +103,13 @@ call = nnx.jit(lambda f, *args: f(*args))  # a module call, compiled once per sh
 
 def reference_expert(core, x_BTD, tok):
   """Slow obvious expert-choice MoR: per row and step, Python top-k, one block call per step."""
-  e, out, depths = core.cfg.expert, [], []
+  e, out, depths = core.rule.cfg.expert, [], []
   b_layers = core.plan.num_shared
   for b in range(x_BTD.shape[0]):
     h = x_BTD[b]
     cand = [t for t in range(T) if tok.segments[b, t] != 0]
     depth = np.zeros(T, int)
-    for r, cap in enumerate(core.capacity):
+    for r, cap in enumerate(core.rule.capacity):
       s = np.asarray(call(core.router, h[None, np.array(cand)], r))[0, :, 0]
       g = e.alpha / (1 + np.exp(-s.astype(np.float64)))
       order = sorted(range(len(cand)), key=lambda i, g=g: (-g[i], i))[:max(1, int(cap * T))]
@@ -156,7 +161,7 @@ def test_zero_router_gates_every_token_at_alpha_half_and_keeps_the_first_k():
 
 def reference_token(core, x_BTD, tok):
   """Slow obvious token-choice MoR: per row, Python argmax depths, first-come slots per step."""
-  tc, nr, out = core.cfg.token, core.plan.num_recursions, []
+  tc, nr, out = core.rule.cfg.token, core.plan.num_recursions, []
   slots = routing.token_buffers(nr, T, tc.capacity_factor)
   for b in range(x_BTD.shape[0]):
     x1 = np.asarray(x_BTD[b])
@@ -241,17 +246,18 @@ def test_gathered_path_equals_the_masked_reference(name):
     assert aux_g["mor/threshold_acc"].shape == (3,) and aux_g["mor/hist_selected"].shape == (3, 10)
 
 
-def test_kv_block_reproduces_the_block():
+def test_a_block_attending_over_stored_kv_reproduces_the_block():
   core, _ = core_and_forward()
   x, tok = inputs()
   idx = jnp.asarray([[0, 3, 4, 9, 15]] * 2)
 
   @nnx.jit
   def outputs(block):
-    y, kv = mor.kv_block(block, x, tok)
+    y, _, carry = block.forward(x, tok, site=Site("s", keep=True))
     # queries on a subset over K/V shared from the same input give the same rows (check 7)
-    y_sub, _ = mor.kv_block(block, routing.gather_rows(x, idx), tok.take(idx), kv)
-    return y, kv[0], block(x, tok), y_sub
+    y_sub, _, _ = block.forward(routing.gather_rows(x, idx), tok.take(idx), site=Site(shared="s"),
+                                carry=carry)
+    return y, carry.kv["s"].k, block(x, tok), y_sub
 
   y, k, want, y_sub = outputs(core.blocks[0])
   np.testing.assert_array_equal(y, want)

@@ -165,7 +165,7 @@ def test_psr_mask_at_chosen_steps():
 
 def test_the_step_counter_advances_through_the_train_step():
   mdl = build(rex_config(psr=True, psr_start=3, psr_end=9))
-  _, aux = mdl(TOKENS)
+  _, aux, _ = mdl(TOKENS)
   assert int(aux["update/step_counter"]) == 1
   _, other = nnx.split(mdl, nnx.Param, ...)[1:]
   other = step.with_updates(other, aux)

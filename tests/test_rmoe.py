@@ -16,12 +16,11 @@ import pytest
 from flax import nnx
 
 from research import config as config_lib
-from research.infer import decode
 from research.model import moe, recursion
 from research.model.layers import NO_CARRY, Carry, Tokens
 from research.model.lm import LanguageModel
 from research.train import flops
-from tests.model_util import tiny_config
+from tests.model_util import assert_decodes_like_forward, tiny_config
 
 E, F, P, T = 4, 16, 8, 8
 TOKENS = (jnp.arange(2 * T).reshape(2, T) * 7) % 64
@@ -211,9 +210,9 @@ def test_flops_count_the_gru_router():
   assert (flops.paper_flops_per_token(m, T) - flops.paper_flops_per_token(linear, T)) == 3 * extra
 
 
-def test_decoding_refuses_the_recurrent_router(model):
-  with pytest.raises(ValueError, match=r"model\.moe\.router"):
-    decode.check_supported(model)
+def test_the_recurrent_router_decodes_like_the_full_forward():
+  """The carry (h of the previous MoE layer) flows through the decode forward as in training."""
+  assert_decodes_like_forward(rmoe_config())
 
 
 @pytest.mark.parametrize("moe_keys, key", [

@@ -86,8 +86,8 @@ def test_loop_step_runs_each_row_at_its_own_loop():
 def test_exit_logits_are_the_head_after_each_loop(strategy):
   _, model = relaxed_model(strategy)
   x = tokens()
-  exits, _ = model(x, exits=True)
-  final, _ = model(x)
+  exits, _, _ = model(x, exits=True)
+  final, _, _ = model(x)
   assert len(exits) == 2
   np.testing.assert_array_equal(exits[-1], final)
   # Reference: prelude, then the first loop's depths by hand, then norm + head (no coda).

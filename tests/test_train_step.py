@@ -38,7 +38,7 @@ def test_nll_sum_equals_manual_cross_entropy():
   batch = make_batch()
   total, count, _ = step.nll_sum(model, batch)
   inputs, pos, seg, targets, mask = step.lm_inputs(batch)
-  logits, _ = model(inputs, pos, seg)
+  logits, _, _ = model(inputs, pos, seg)
   logp = jax.nn.log_softmax(logits, -1)
   manual = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
   np.testing.assert_allclose(total, jnp.sum(manual * mask), rtol=1e-5)

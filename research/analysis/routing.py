@@ -93,14 +93,14 @@ def validation_batch(loaded: LoadedRun) -> Batch:
 @nnx.jit
 def _route(model: LanguageModel, inputs, positions, segments) -> tuple[mor.Routes, dict]:
   x_BTD, tok = model.core_inputs(inputs, positions, segments)
-  _, aux, routes = model.core.forward(x_BTD, tok)
-  return routes, aux
+  _, aux, _ = model.core.forward(x_BTD, tok)
+  return mor.routes(aux), {k: v for k, v in aux.items() if not k.startswith("route/")}
 
 
 def route(model: LanguageModel, batch: Batch) -> tuple[mor.Routes, dict]:
   """The MoR core's decisions on the inputs of `batch` (its rows without their last token), and
   its aux dict (per-step BCE, threshold accuracy, score histograms, depth fractions)."""
-  if not isinstance(model.core, mor.MoR):
+  if model.core.rule is None:
     raise ValueError("route: the model has no MoR core (config.model.mor.kind is 'none')")
   inputs, positions, segments, _, _ = step_lib.lm_inputs(batch)
   routes, aux = _route(model, inputs, positions, segments)

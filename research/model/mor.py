@@ -53,8 +53,9 @@ class Routes(NamedTuple):
   """Routing decisions of one forward, for tests and analysis (rebuilt from aux by `routes`).
 
   selected[r]: [B, T] bool, token ran step r. indices[r] / valid[r]: [B, K_r] the sorted row
-  positions of step r's slots and whether a slot holds a selected token (only for the steps that
-  gathered; empty for in-place steps). depth: [B, T] steps run by each token.
+  positions of step r's slots and whether a slot holds a selected token (expert choice's top-k
+  steps, token choice's gathered buffers; empty for threshold routing, whose count is dynamic).
+  depth: [B, T] steps run by each token.
   """
 
   selected: tuple[Array, ...]
@@ -71,13 +72,14 @@ def routes(aux: dict) -> Routes:
                 tuple(aux[f"route/valid/{r}"] for r in steps), aux["route/depth"])
 
 
-def route_aux(selected: list[Array], slots: list[routed.Slots]) -> dict:
-  """aux["route/..."] of the steps' decisions (row-order masks, and each gathered step's slots)."""
+def route_aux(selected: list[Array], slots: list[tuple[Array, Array] | None]) -> dict:
+  """aux["route/..."] of the steps' decisions: row-order masks, and the (sorted positions,
+  valid) slots of each step that chose a fixed number of tokens (None for the others)."""
   aux = {"route/selected": jnp.stack(selected),
          "route/depth": jnp.sum(jnp.stack(selected), axis=0, dtype=jnp.int32)}
   for r, s in enumerate(slots):
-    if s.idx is not None:
-      aux[f"route/indices/{r}"], aux[f"route/valid/{r}"] = s.idx, s.valid
+    if s is not None:
+      aux[f"route/indices/{r}"], aux[f"route/valid/{r}"] = s
   return aux
 
 
@@ -140,8 +142,8 @@ class Rule:
   num_recursions: int
   capacity: tuple[float, ...]
 
-  def finish(self, core, aux: dict, selected: list[Array], slots: list[routed.Slots],
-             tok: Tokens) -> dict:
+  def finish(self, core, aux: dict, selected: list[Array],
+             slots: list[tuple[Array, Array] | None], tok: Tokens) -> dict:
     """The aux entries every rule adds: counter update, z-loss, depth fractions, routes."""
     if core.counter is not None:
       aux[f"update/{PATH}/counter"] = core.counter[...] + 1
@@ -177,11 +179,12 @@ class ExpertChoice(Rule):
       s_BC, g_BC, rule_BC, w_BC = self.scores(core, x_BCD, r)
       if threshold:
         target_BC = threshold_route(valid_BC, rule_BC, self.capacity[r])
-        slots, w_BK = routed.in_place(target_BC), w_BC
+        slots, w_BK, chosen = routed.in_place(target_BC), w_BC, None
       else:
         loc_BK, sel_BK, target_BC = routing.select_topk(g_BC, valid_BC, ks[r], live[r])
+        idx_BK = loc_BK if idx_BC is None else routing.gather_rows(idx_BC, loc_BK)
+        chosen = (idx_BK, sel_BK)
         if gather and ks[r] < t:
-          idx_BK = loc_BK if idx_BC is None else routing.gather_rows(idx_BC, loc_BK)
           slots, w_BK = routed.Slots(idx_BK, sel_BK), routing.gather_rows(w_BC, loc_BK)
         else:  # the whole row in place (masked reference, or a step that keeps every token)
           slots, w_BK = routed.in_place(target_BC), w_BC
@@ -189,7 +192,7 @@ class ExpertChoice(Rule):
       auxes.append(aux)
       stats.append(self.stats(s_BC, rule_BC, target_BC, valid_BC))
       selected.append(row_mask(slots, t))
-      all_slots.append(slots)
+      all_slots.append(chosen)
       idx_BC, valid_BC = slots.idx, slots.valid  # in place: None and the row-order mask
     aux = {k: jnp.stack([st[k] for st in stats]) for k in stats[0]}
     if core.aux_router is None:
@@ -249,8 +252,9 @@ class TokenChoice(Rule):
       active_BT = depth_BT >= r + 1
       if c.impl == "gather" and buffers[r] < t and not decoding:
         slots = routed.Slots(*routing.first_come(active_BT, buffers[r]))
+        chosen = (slots.idx, slots.valid)
       else:  # the whole row in place: masked reference, decoding, or a buffer of every token
-        slots = routed.in_place(active_BT)
+        slots, chosen = routed.in_place(active_BT), None
       x1_BKD, w_BK, d_BK = (routed.gather(a, slots) for a in (x1_BTD, gate_BT, depth_BT))
 
       def update(x_BKD, y_BKD, r=r, x1_BKD=x1_BKD, w_BK=w_BK, d_BK=d_BK):
@@ -260,7 +264,7 @@ class TokenChoice(Rule):
                                               then=update)
       auxes.append(aux)
       selected.append(active_BT)
-      all_slots.append(slots)
+      all_slots.append(chosen)
     load_N = routing.load(choice_BT, valid_BT, nr)
     aux = {
         "mor/z": routing.z_loss(logits_BTN, valid_BT),

@@ -44,7 +44,7 @@ def lm_inputs(batch: Batch) -> tuple[jax.Array, ...]:
 def nll_sum(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array, dict]:
   """Summed NLL over the valid targets, their count, and the model's aux dict."""
   inputs, positions, segments, targets, mask = lm_inputs(batch)
-  logits_BTV, aux = model(inputs, positions, segments)
+  logits_BTV, aux, _ = model(inputs, positions, segments)
   nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets)
   return jnp.sum(nll_BT * mask), jnp.sum(mask), aux
 
@@ -93,9 +93,9 @@ def objective_sums(model: nnx.Module, batch: Batch, objective: Objective,
   """
   inputs, positions, segments, targets, mask = lm_inputs(batch)
   if objective.exits:
-    logits, aux = model(inputs, positions, segments, exits=True)
+    logits, aux, _ = model(inputs, positions, segments, exits=True)
   else:
-    logits, aux = model(inputs, positions, segments)
+    logits, aux, _ = model(inputs, positions, segments)
     logits = [logits]
   ce = lambda l_BTV: jnp.sum(
       optax.softmax_cross_entropy_with_integer_labels(l_BTV, targets) * mask)
@@ -121,6 +121,7 @@ def aux_loss(aux: dict) -> jax.Array:
 
 
 UPDATE = "update/"  # aux key prefix: the new value of the non-Param variable at the path after it
+ROUTE = "route/"  # aux key prefix: routing decisions (research/model/mor.py routes), for analysis
 
 
 def with_updates(other: nnx.State, aux: dict) -> nnx.State:
@@ -166,6 +167,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     model = nnx.merge(graphdef, params, other)
     teacher = None if teacher_graphdef is None else nnx.merge(teacher_graphdef, teacher_params)
     total, sums, count, aux = objective_sums(model, micro, objective, teacher)
+    aux = {k: v for k, v in aux.items() if not k.startswith(ROUTE)}  # decisions: not metrics
     loss = total / num_targets + aux_loss(aux) / grad_accum
     return loss, (total, sums, count, aux)
 
