@@ -48,9 +48,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.recursion.lora_init = "svd"  # with init_from: svd (of the residuals) | standard (B = 0)
   c.model.recursion.lora_merged = False  # per-loop LoRAs as one gated rank-Nr*r LoRA (cycle plans)
   c.model.recursion.early_exit = False  # an exit (final norm + head) after every loop (cycle plans)
+  c.model.recursion.stretch_init = False  # init_from: keep num_layers, spread the pretrained layers
 
-  # Mixture-of-Recursions (shared/specs/mor.md, docs/mor.md): routers pick each token's number of
-  # recursion steps. Needs recursion.strategy cycle | middle_cycle, no LoRA, tied norms.
+  # Mixture-of-Recursions (docs/methods/mor.md, docs/mor.md): routers pick each token's number of
+  # recursion steps. Needs recursion.strategy cycle | middle_cycle; per-depth LoRA, untied norms
+  # and MoE layers in the shared block combine with it.
   c.model.mor = mlc.ConfigDict()
   c.model.mor.kind = "none"  # none | expert (top-k tokens per step) | token (top-1 depth per token)
   c.model.mor.impl = "gather"  # gather: blocks see selected tokens only | masked: full-length ref.

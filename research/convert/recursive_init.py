@@ -50,17 +50,32 @@ def stepwise_sources(first: int, last: int, count: int) -> list[int]:
   return [int(s) for s in np.round(np.linspace(first, last, count))]
 
 
-def shared_sources(plan: recursion.LayerPlan, method: str) -> list[list[int]]:
+def depth_sources(plan: recursion.LayerPlan, pretrained_layers: int) -> list[int]:
+  """The pretrained layer of each middle depth d: prelude + d when the depths agree; else the
+  pretrained middle is spread over the unrolled one, prelude + round(d (M0 - 1) / (M - 1)) with
+  M0, M the middle depths of the pretrained and the recursive model (`stretch_init`)."""
+  m, m0 = len(plan.order), pretrained_layers - plan.prelude - plan.coda
+  if m == m0 or m == 1:
+    return [plan.prelude + d for d in range(m)]
+  return [plan.prelude + int(s) for s in np.round(np.arange(m) * (m0 - 1) / (m - 1))]
+
+
+def shared_sources(plan: recursion.LayerPlan, method: str,
+                   pretrained_layers: int | None = None) -> list[list[int]]:
   """The pretrained layers averaged into each shared layer j (one for stepwise/lower, [] random).
 
   Stepwise and Lower run over the shared (middle) depths only: for middle-* plans the range is
   [1, L-2], as in the MoR code, so the unique first and last layers are not picked twice.
+  Average takes the pretrained layers at the depths that share j (`depth_sources`).
+  `pretrained_layers` (default: the plan's depth) is the pretrained model's depth L0.
   """
-  first, last = plan.prelude, plan.num_layers - plan.coda - 1
+  l0 = plan.num_layers if pretrained_layers is None else pretrained_layers
+  first, last = plan.prelude, l0 - plan.coda - 1
   if method == "stepwise":
     return [[s] for s in stepwise_sources(first, last, plan.num_shared)]
   if method == "average":
-    return [plan.source_depths(j) for j in range(plan.num_shared)]
+    src = depth_sources(plan, l0)
+    return [[src[d] for d, k in enumerate(plan.order) if k == j] for j in range(plan.num_shared)]
   if method == "lower":
     return [[first + j] for j in range(plan.num_shared)]
   if method == "random":
@@ -95,11 +110,11 @@ def svd_lora(r_IO: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
   return u_r, u_r.T @ r
 
 
-def _relaxation(plan: recursion.LayerPlan, layers: list[dict], shared: list[dict],
+def _relaxation(plan: recursion.LayerPlan, depth_layers: list[dict], shared: list[dict],
                 m: mlc.ConfigDict, lora_init: str, rng: np.random.Generator) -> dict:
-  """The core's per-depth parameters: LoRA factors and, with untied norms, the depths' norms."""
+  """The core's per-depth parameters: LoRA factors and, with untied norms, the depths' norms,
+  from the pretrained layer of each middle depth (`depth_layers`)."""
   core = {}
-  depth_layers = [layers[plan.prelude + d] for d in range(len(plan.order))]
   if not m.recursion.share_norms:  # each depth keeps its own pretrained norm scales
     core["attn_norms"] = np.stack([layer["attn_norm"]["scale"] for layer in depth_layers])
     core["ffn_norms"] = np.stack([layer["ffn_norm"]["scale"] for layer in depth_layers])
@@ -125,8 +140,9 @@ def recursive_params(vanilla_params: dict, model_cfg: mlc.ConfigDict, method: st
                      lora_init: str = "svd", seed: int = 0) -> dict:
   """The pure parameter dict of `LanguageModel(model_cfg)` initialised from a vanilla model.
 
-  `vanilla_params` is our pure dict of the L-layer vanilla model (`hf_llama.hf_to_ours`), with
-  model_cfg.num_layers = L and the same widths. Arrays are float32 numpy.
+  `vanilla_params` is our pure dict of the L0-layer vanilla model (`hf_llama.hf_to_ours`), with
+  model_cfg.num_layers = L0 and the same widths, or any unrolled depth with
+  model.recursion.stretch_init (depth_sources). Arrays are float32 numpy.
   """
   if lora_init not in LORA_INITS:
     raise ValueError(f"config.model.recursion.lora_init={lora_init!r}: must be one of "
@@ -134,22 +150,24 @@ def recursive_params(vanilla_params: dict, model_cfg: mlc.ConfigDict, method: st
   m = model_cfg
   plan = recursion.make_plan(m.recursion.strategy, m.num_layers, m.recursion.num_recursions)
   blocks = vanilla_params["core"]["blocks"]
-  if len(blocks) != plan.num_layers:
+  l0 = len(blocks)
+  if l0 != plan.num_layers and not m.recursion.stretch_init:
     raise ValueError(f"config.model.num_layers={m.num_layers}: the pretrained model has "
-                     f"{len(blocks)} layers")
+                     f"{l0} layers (config.model.recursion.stretch_init=True spreads them)")
   f32 = lambda tree: jax.tree.map(lambda w: np.asarray(w, np.float32), tree)
-  layers = [f32(blocks[i]) for i in range(plan.num_layers)]
+  layers = [f32(blocks[i]) for i in range(l0)]
   rng = np.random.default_rng(seed)
-  shared = [_mean_block([layers[i] for i in src]) if src else
-            _random_block(layers[0], m.init_std, rng) for src in shared_sources(plan, method)]
+  shared = [_mean_block([layers[i] for i in src]) if src else _random_block(
+      layers[0], m.init_std, rng) for src in shared_sources(plan, method, l0)]
   out = {key: f32(value) for key, value in vanilla_params.items() if key != "core"}
   if plan.prelude:
     out["prelude"] = {"blocks": dict(enumerate(layers[:plan.prelude]))}
   if plan.coda:
-    out["coda"] = {"blocks": dict(enumerate(layers[plan.num_layers - plan.coda:]))}
+    out["coda"] = {"blocks": dict(enumerate(layers[l0 - plan.coda:]))}
   out["core"] = {"blocks": dict(enumerate(shared))}
   if m.recursion.strategy != "none":
-    out["core"].update(_relaxation(plan, layers, shared, m, lora_init, rng))
+    depth_layers = [layers[i] for i in depth_sources(plan, l0)]
+    out["core"].update(_relaxation(plan, depth_layers, shared, m, lora_init, rng))
   return out
 
 
@@ -223,9 +241,11 @@ def load_recursive_from_pretrained(path: str, model_cfg_base: mlc.ConfigDict, me
   it; recursion.* (strategy, Nr, ranks, share_norms) come from `model_cfg_base`."""
   overrides, params_hf = load.read_pretrained(path)
   cfg = mlc.ConfigDict(model_cfg_base.to_dict())
-  cfg.update(overrides)
+  l0 = overrides["num_layers"]
+  cfg.update({k: v for k, v in overrides.items()
+              if k != "num_layers" or not cfg.recursion.stretch_init})
   config.validate_model(mlc.ConfigDict({"model": cfg}))
-  vanilla = hf_llama.hf_to_ours(params_hf, cfg.num_layers, cfg.tie_embeddings)
+  vanilla = hf_llama.hf_to_ours(params_hf, l0, cfg.tie_embeddings)
   return cfg, build(cfg, recursive_params(vanilla, cfg, method, lora_init, seed))
 
 
@@ -233,7 +253,10 @@ def with_pretrained(cfg: mlc.ConfigDict, cache_dir: str) -> mlc.ConfigDict:
   """A copy of the full config with model.init_from's architecture keys (vocab_size included)
   and, when data.tokenizer is "bpe", data.tokenizer set to the checkpoint's tokenizer.json."""
   cfg = mlc.ConfigDict(cfg.to_dict())
-  cfg.model.update(read_architecture(cfg.model.init_from))
+  architecture = read_architecture(cfg.model.init_from)
+  if cfg.model.recursion.stretch_init:  # the config's unrolled depth stays
+    architecture.pop("num_layers")
+  cfg.model.update(architecture)
   config.validate_model(cfg)
   if cfg.data.tokenizer == "bpe":
     cfg.data.tokenizer = tokenizer_file(cfg.model.init_from, cache_dir)
@@ -265,11 +288,14 @@ def init_params_from_config(model_cfg: mlc.ConfigDict, seed: int = 0) -> dict | 
   if not model_cfg.init_from:
     return None
   overrides, params_hf = load.read_pretrained(model_cfg.init_from)
+  l0 = overrides["num_layers"]
+  if model_cfg.recursion.stretch_init:
+    overrides = {k: v for k, v in overrides.items() if k != "num_layers"}
   for key, value in overrides.items():
     if model_cfg[key] != value:
       raise config.ConfigError(f"config.model.{key}={model_cfg[key]!r}: the checkpoint "
                                f"config.model.init_from={model_cfg.init_from!r} has {value!r}")
-  vanilla = hf_llama.hf_to_ours(params_hf, model_cfg.num_layers, model_cfg.tie_embeddings)
+  vanilla = hf_llama.hf_to_ours(params_hf, l0, model_cfg.tie_embeddings)
   r = model_cfg.recursion
   params = recursive_params(vanilla, model_cfg, r.init, r.lora_init, seed)
   dtype = jnp.dtype(model_cfg.param_dtype)
