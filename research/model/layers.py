@@ -296,9 +296,13 @@ class Attention(nnx.Module):
     self.v_proj = linear(d, cfg.num_kv_heads * dh, ("embed", "kv_heads"))
     self.o_proj = linear(cfg.num_heads * dh, d, ("heads", "embed"))
 
-  def __call__(self, x_BTD: Array, tok: Tokens, lora: LoRA | None = None,
-               site: Site = SELF_ATTENTION, kv: dict[str, KV] | None = None
-               ) -> tuple[Array, dict[str, KV] | None]:
+  def __call__(self, x_BTD: Array, tok: Tokens, lora: LoRA | None = None) -> Array:
+    """Self-attention over `tok` (`forward` without stored keys and values)."""
+    return self.forward(x_BTD, tok, lora)[0]
+
+  def forward(self, x_BTD: Array, tok: Tokens, lora: LoRA | None = None,
+              site: Site = SELF_ATTENTION, kv: dict[str, KV] | None = None
+              ) -> tuple[Array, dict[str, KV]]:
     """(output, the kv store after this call): self-attention over `tok`, or over stored keys and
     values as `site` says (Site)."""
     b, t, _ = x_BTD.shape
@@ -379,7 +383,7 @@ class Block(nnx.Module):
     depth's (attn, ffn) norm scales; `site`: the stored K/V its attention writes and reads
     (Site; by default plain self-attention); `carry`: from the previous block (Carry)."""
     attn_scale, ffn_scale = (None, None) if norms is None else norms
-    y_BTD, kv = self.attn(self.attn_norm(x_BTD, attn_scale), tok, lora, site, carry.kv)
+    y_BTD, kv = self.attn.forward(self.attn_norm(x_BTD, attn_scale), tok, lora, site, carry.kv)
     carry = carry._replace(kv=kv or carry.kv)
     x_BTD = x_BTD + y_BTD
     h_BTD = self.ffn_norm(x_BTD, ffn_scale)

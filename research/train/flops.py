@@ -93,21 +93,26 @@ def router_flops(m: mlc.ConfigDict, seq_len: int) -> float:
 
 
 def forward_flops_per_token(m: mlc.ConfigDict, seq_len: int) -> float:
-  per_layer = layer_matmul_flops(m) + layer_attention_flops(m, seq_len)
+  """Forward FLOPs per token (module docstring: what each implementation really computes)."""
   head = 2.0 * m.d_model * m.vocab_size
   if m.mor.kind == "none":
     return head + sum(layer_matmul_flops(m, routed) + layer_attention_flops(m, seq_len)
                       for routed in routed_depths(m))
   plan = recursion.make_plan(m.recursion.strategy, m.num_layers, m.recursion.num_recursions)
   kv_proj = 2.0 * 2 * m.d_model * m.num_kv_heads * m.head_dim
-  total = (plan.prelude + plan.coda) * per_layer + head + router_flops(m, seq_len)
+  routed = routed_depths(m)
+  outer = [*routed[:plan.prelude], *routed[len(routed) - plan.coda:]]
+  total = head + router_flops(m, seq_len) + sum(
+      layer_matmul_flops(m, x) + layer_attention_flops(m, seq_len) for x in outer)
+  shared = [moe.is_moe_layer(m, plan.prelude + j) for j in range(plan.num_shared)]
   for r, n in enumerate(computed_tokens(m, seq_len)):
-    if r == 0 or m.mor.kv == "cache":
-      step = layer_matmul_flops(m) + layer_attention_flops(m, n)
-    else:  # queries of the step over recursion 1's keys; "share" skips the K/V projections
-      step = (layer_matmul_flops(m) - (kv_proj if m.mor.kv == "share" else 0.0)
-              + layer_attention_flops(m, seq_len))
-    total += plan.num_shared * n / seq_len * step
+    for x in shared:
+      if r == 0 or m.mor.kv == "cache":
+        step = layer_matmul_flops(m, x) + layer_attention_flops(m, n)
+      else:  # queries of the step over recursion 1's keys; "share" skips the K/V projections
+        step = (layer_matmul_flops(m, x) - (kv_proj if m.mor.kv == "share" else 0.0)
+                + layer_attention_flops(m, seq_len))
+      total += n / seq_len * step
   return total
 
 
@@ -120,20 +125,24 @@ def paper_flops_per_token(m: mlc.ConfigDict, seq_len: int) -> float:
   FFN counts its active experts and router (ffn_flops with active=True; C times for CoE) in place
   of 3 d d_ff."""
   d = m.d_model
-  linear = 2.0 * (4 * d * d + 3 * d * m.d_ff)
   attn = 2.0 * d * seq_len
   if m.mor.kind == "none":
     return sum(2.0 * 4 * d * d + ffn_flops(m, routed, active=True) + attn
                for routed in routed_depths(m))
   plan = recursion.make_plan(m.recursion.strategy, m.num_layers, m.recursion.num_recursions)
-  no_kv = 2.0 * (2 * d * d + 3 * d * m.d_ff)
-  total = (plan.prelude + plan.coda) * (linear + attn)
+  routed = routed_depths(m)
+  layer = lambda x: 2.0 * 4 * d * d + ffn_flops(m, x, active=True)  # = linear when dense
+  no_kv = lambda x: layer(x) - 2.0 * 2 * d * d
+  outer = [*routed[:plan.prelude], *routed[len(routed) - plan.coda:]]
+  total = sum(layer(x) + attn for x in outer)
+  shared = [moe.is_moe_layer(m, plan.prelude + j) for j in range(plan.num_shared)]
   for r, c in enumerate(mor_capacities(m)):
-    if r == 0 or m.mor.kv == "cache":
-      step = c * linear + c * c * attn
-    else:  # q-length c T over all T keys; share skips the K/V projections
-      step = c * ((no_kv if m.mor.kv == "share" else linear) + attn)
-    total += plan.num_shared * step
+    for x in shared:
+      if r == 0 or m.mor.kv == "cache":
+        step = c * layer(x) + c * c * attn
+      else:  # q-length c T over all T keys; share skips the K/V projections
+        step = c * ((no_kv(x) if m.mor.kv == "share" else layer(x)) + attn)
+      total += step
   return total
 
 
