@@ -160,7 +160,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.generate = mlc.ConfigDict()  # mode=generate: KV-cached decoding (docs/inference.md)
   c.generate.prompt = "ROMEO:"  # text to continue (tokenized without an end-of-document token)
   c.generate.num_tokens = 32  # tokens generated after the prompt
-  c.generate.temperature = 0.0  # 0: greedy (argmax); > 0: sample from softmax(logits / temp)
+  c.generate.temperature = 0.8  # 0: greedy (argmax; small models tend to repeat one token)
+  c.generate.top_p = 0.95  # sample from the likeliest tokens holding this much mass (1: all)
   c.generate.seed = 0  # sampling key jax.random.key(seed) (unused when greedy)
   c.generate.num_samples = 1  # continuations of the prompt, decoded as one batch
 
