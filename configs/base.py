@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.recursion.lora_merged = False  # per-loop LoRAs as one gated rank-Nr*r LoRA (cycle plans)
   c.model.recursion.early_exit = False  # an exit (final norm + head) after every loop (cycle plans)
 
-  # Mixture-of-Recursions (shared/specs/mor.md, docs/mor.md): routers pick each token's number of
+  # Mixture-of-Recursions (docs/methods/mor.md, docs/mor.md): routers pick each token's number of
   # recursion steps. Needs recursion.strategy cycle | middle_cycle, no LoRA, tied norms.
   c.model.mor = mlc.ConfigDict()
   c.model.mor.kind = "none"  # none | expert (top-k tokens per step) | token (top-1 depth per token)
@@ -101,7 +101,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.moe.psr = False  # ReXMoE Progressive Scaling Routing: routable pool N -> r N (Eq. 6)
   c.model.moe.psr_start = 0  # PSR t_s: only the layer's own E experts up to this step
   c.model.moe.psr_end = 1000  # PSR t_e: all r E experts routable from this step
-  # Chain-of-Experts (shared/specs/rrt_coe_rmoe_rexmoe.md §2; docs/moe.md): the routed FFN run
+  # Chain-of-Experts (docs/methods/rrt_coe_rmoe_rexmoe.md §2; docs/moe.md): the routed FFN run
   # `iterations` times over the same experts, one router per iteration, top_k per iteration.
   c.model.moe.iterations = 1  # C (1: plain MoE)
   c.model.moe.coe_residual = "outer"  # outer: block residual only | inner (CoE code) | inner_outer

@@ -121,7 +121,7 @@ def cell_config(cfg: mlc.ConfigDict, cell: Cell, *, sweep: str = "",
 
 def isoflop_warmup(cfg: mlc.ConfigDict, budget: float, fraction: float = 0.05) -> int:
   """Warm-up steps of the paper's isoFLOP runs: `fraction` of the steps `budget` would give this
-  model (its smallest budget), then the same count at every budget (shared/specs/mor.md §4.2)."""
+  model (its smallest budget), then the same count at every budget (docs/methods/mor.md §4.2)."""
   cfg = copy.deepcopy(cfg)
   cfg.train.flop_budget = budget
   return int(fraction * loop.total_steps(cfg))
@@ -370,7 +370,7 @@ def markdown_table(rows: Sequence[dict], title: str) -> str:
   header = ("| Cell | Model | Status | N-emb params | Params | FLOPs/token | Steps | N_tok "
             "| FLOPs | Valid NLL | tokens/s |")
   lines = [f"# {title}", "",
-           "FLOPs follow the paper's convention (forward only, shared/specs/mor.md §4.3); "
+           "FLOPs follow the paper's convention (forward only, docs/methods/mor.md §4.3); "
            "N_tok and FLOPs count the steps trained so far. Status: done | failed | "
            "interrupted (NLL of its latest evaluation) | pending.", "",
            header, "|" + "---|" * header.count(" | ") + "---|"]
