@@ -103,7 +103,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.moe.psr = False  # ReXMoE Progressive Scaling Routing: routable pool N -> r N (Eq. 6)
   c.model.moe.psr_start = 0  # PSR t_s: only the layer's own E experts up to this step
   c.model.moe.psr_end = 1000  # PSR t_e: all r E experts routable from this step
-  # Chain-of-Experts (shared/specs/rrt_coe_rmoe_rexmoe.md §2; docs/moe.md): the routed FFN run
+  # Chain-of-Experts (docs/methods/rrt_coe_rmoe_rexmoe.md §2; docs/moe.md): the routed FFN run
   # `iterations` times over the same experts, one router per iteration, top_k per iteration.
   c.model.moe.iterations = 1  # C (1: plain MoE)
   c.model.moe.coe_residual = "outer"  # outer: block residual only | inner (CoE code) | inner_outer
@@ -162,7 +162,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.generate = mlc.ConfigDict()  # mode=generate: KV-cached decoding (docs/inference.md)
   c.generate.prompt = "ROMEO:"  # text to continue (tokenized without an end-of-document token)
   c.generate.num_tokens = 32  # tokens generated after the prompt
-  c.generate.temperature = 0.0  # 0: greedy (argmax); > 0: sample from softmax(logits / temp)
+  c.generate.temperature = 0.8  # 0: greedy (argmax; small models tend to repeat one token)
+  c.generate.top_p = 0.95  # sample from the likeliest tokens holding this much mass (1: all)
   c.generate.seed = 0  # sampling key jax.random.key(seed) (unused when greedy)
   c.generate.num_samples = 1  # continuations of the prompt, decoded as one batch
 

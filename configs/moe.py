@@ -10,7 +10,7 @@
 Experts are half the dense width (d_ff / 2), so the active FFN compute of top-2 equals the dense
 model's (plus a d x 8 router) while the FFN parameters grow 4x. Softmax router with renormalised
 top-2 weights (Mixtral), dropless, Switch balancing loss 0.01, router z-loss 1e-3 (ST-MoE). On CPU
-`--config.model.moe.impl=dense` is the faster path (shared/specs/jax_anchors.md §2.2).
+`--config.model.moe.impl=dense` is the faster path (docs/moe.md: ragged_dot is masked dense there).
 
 `arg` is a preset, then optionally one variant (`:<preset>,<variant>`, `parse`):
   moe     the MoE above (the default).
@@ -18,7 +18,7 @@ top-2 weights (Mixtral), dropless, Switch balancing loss 0.01, router z-loss 1e-
           d = 1280; spec §3.1), full backprop through the layer recurrence.
   rexmoe  ReXMoE R2 (groups of 2 adjacent MoE layers route over 16 experts, top-2) with PSR-Linear
           from 20% to 60% of the preset's steps (the paper's 10k -> 30k of ~50k; spec §4.2).
-  coe, coe=C  the Chain-of-Experts paper's setting (shared/specs/rrt_coe_rmoe_rexmoe.md §2.2)
+  coe, coe=C  the Chain-of-Experts paper's setting (docs/methods/rrt_coe_rmoe_rexmoe.md §2.2)
           scaled to the preset (`coe` = coe=2): 15 routed experts + 1 shared (the paper: 63 + 1)
           of width d_ff / 4, top-4/C per iteration (the paper: 8/C, compute parity), C iterations
           with independent routers and the official code's wiring (coe_residual="inner", for every

@@ -1,7 +1,7 @@
 """Size presets shared by the experiment configs: `--config=configs/<exp>.py:<preset>`.
 
 tiny and small run on a 2-core CPU; 135m and 360m are the SmolLM shapes of the MoR paper
-(shared/specs/mor.md Table 6) with the paper's batch (1024 x 2048 tokens) and optimiser.
+(docs/methods/mor.md Table 6) with the paper's batch (1024 x 2048 tokens) and optimiser.
 """
 
 import ml_collections as mlc

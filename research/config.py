@@ -95,7 +95,7 @@ def validate_model(cfg: mlc.ConfigDict) -> None:
 
 
 def validate_mor(cfg: mlc.ConfigDict) -> None:
-  """Mixture-of-Recursions (shared/specs/mor.md §2-3; docs/mor.md)."""
+  """Mixture-of-Recursions (docs/methods/mor.md §2-3; docs/mor.md)."""
   m, mor = cfg.model, cfg.model.mor
   _one_of(cfg, "model.mor.kind", ("none", "expert", "token"))
   if mor.kind == "none":

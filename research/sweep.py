@@ -121,7 +121,7 @@ def cell_config(cfg: mlc.ConfigDict, cell: Cell, *, sweep: str = "",
 
 def isoflop_warmup(cfg: mlc.ConfigDict, budget: float, fraction: float = 0.05) -> int:
   """Warm-up steps of the paper's isoFLOP runs: `fraction` of the steps `budget` would give this
-  model (its smallest budget), then the same count at every budget (shared/specs/mor.md §4.2)."""
+  model (its smallest budget), then the same count at every budget (docs/methods/mor.md §4.2)."""
   cfg = copy.deepcopy(cfg)
   cfg.train.flop_budget = budget
   return int(fraction * loop.total_steps(cfg))
@@ -360,11 +360,17 @@ def _flops(x: float) -> str:
   return f"{float(mantissa):g}e{int(exponent)}"
 
 
+def _md(text: str) -> str:
+  """Text for one markdown table cell: a `|` (labels join their columns with ' | ') escaped."""
+  return str(text).replace("|", "\\|")
+
+
 def markdown_table(rows: Sequence[dict], title: str) -> str:
+  """results.md: one row per cell; Steps is trained / planned (loop.total_steps)."""
   header = ("| Cell | Model | Status | N-emb params | Params | FLOPs/token | Steps | N_tok "
             "| FLOPs | Valid NLL | tokens/s |")
   lines = [f"# {title}", "",
-           "FLOPs follow the paper's convention (forward only, shared/specs/mor.md §4.3); "
+           "FLOPs follow the paper's convention (forward only, docs/methods/mor.md §4.3); "
            "N_tok and FLOPs count the steps trained so far. Status: done | failed | "
            "interrupted (NLL of its latest evaluation) | pending.", "",
            header, "|" + "---|" * header.count(" | ") + "---|"]
@@ -372,8 +378,9 @@ def markdown_table(rows: Sequence[dict], title: str) -> str:
     nll = "-" if r["valid_nll"] is None else f"{r['valid_nll']:.4f}"
     speed = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
     lines.append(
-        f"| {r['cell']} | {r['label']} | {r['status']} | {_si(r['non_embedding_params'])} "
-        f"| {_si(r['params'])} | {_si(r['flops_per_token'])} | {r['steps']}/{r['planned_steps']} "
+        f"| {_md(r['cell'])} | {_md(r['label'])} | {r['status']} "
+        f"| {_si(r['non_embedding_params'])} | {_si(r['params'])} | {_si(r['flops_per_token'])} "
+        f"| {r['steps']}/{r['planned_steps']} "
         f"| {_si(r['tokens'])} | {_flops(r['train_flops'])} | {nll} "
         f"| {speed} |")
   return "\n".join(lines) + "\n"
@@ -406,7 +413,9 @@ def plot(rows: Sequence[dict], title: str, path: str) -> None:
 
 def report(cells: Sequence[Cell], cfgs: Sequence[mlc.ConfigDict], workdir: str,
            title: str) -> list[dict]:
-  """Writes results.md, results.csv and results.png into `workdir`; returns the rows."""
+  """Writes results.md, results.csv and results.png into `workdir`; returns the rows. Raises
+  ConfigError, writing nothing, when no cell has results there (an empty or mistyped workdir)."""
+  check_has_results(cells, workdir)
   rows = collect(cells, cfgs, workdir)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
@@ -417,6 +426,23 @@ def report(cells: Sequence[Cell], cfgs: Sequence[mlc.ConfigDict], workdir: str,
     f.write(markdown_table(rows, title) + "\n![validation NLL against FLOPs](results.png)\n")
   plot(rows, title, os.path.join(workdir, "results.png"))
   return rows
+
+
+def has_results(cell_dir: str) -> bool:
+  """The cell finished (done.json) or logged at least one metrics record."""
+  return os.path.exists(os.path.join(cell_dir, DONE)) or bool(_records(cell_dir))
+
+
+def check_has_results(cells: Sequence[Cell], workdir: str) -> None:
+  """Raises ConfigError naming the workdir when it is missing or none of its cells has results."""
+  if not os.path.isdir(workdir):
+    raise config_lib.ConfigError(f"--workdir={workdir}: no such directory, so no cell has "
+                                 "results to report (run the sweep there first)")
+  if not any(has_results(os.path.join(workdir, c.name)) for c in cells):
+    names = ", ".join(c.name for c in cells[:3]) + (", ..." if len(cells) > 3 else "")
+    raise config_lib.ConfigError(
+        f"--workdir={workdir}: no cell has results (none of the {len(cells)} cell directories "
+        f"{names} holds metrics.jsonl or {DONE}); run the sweep there first")
 
 
 # --- launcher entry ---------------------------------------------------------------------------

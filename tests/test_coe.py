@@ -1,4 +1,4 @@
-"""Chain-of-Experts (docs/moe.md, shared/specs/rrt_coe_rmoe_rexmoe.md §2): C iterations of the
+"""Chain-of-Experts (docs/moe.md, docs/methods/rrt_coe_rmoe_rexmoe.md §2): C iterations of the
 routed FFN over the same experts with per-iteration routers, against a by-hand Python loop (values
 and gradients, dense and ragged), the residual wirings of the official code, per-iteration routing,
 the aux loss as a sum over gate calls, the spec's tiny CPU checks (§2.5: 1-5), FLOPs, parameters,

@@ -1,49 +1,71 @@
-"""Every notebook runs top to bottom (nbclient) against a small workdir made here: a fake one
-with metrics and config, or, for the notebooks that load a checkpoint, a real tiny run."""
+"""Every notebook runs as a user runs it (README, Notebooks): the project installed with
+`pip install -e .` (here into a fresh venv over this interpreter's packages, so nothing outside the
+test changes), then `jupyter nbconvert --execute` from the repository root with a relative
+WORKDIR and no PYTHONPATH, on a fresh tiny MoR run (the README's first command, shrunk)."""
 
 import glob
 import json
 import os
+import subprocess
+import sys
 
-import nbclient
 import nbformat
 import pytest
 
 from tests import launch_util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = sorted(os.path.basename(p)
+                   for p in glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 
 
-def fake_workdir(path: str) -> str:
-  """A workdir with the files a run leaves behind (config.json, metrics.jsonl)."""
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump({"model": {"num_layers": 2, "d_model": 32}}, f)
-  with open(os.path.join(path, "metrics.jsonl"), "w") as f:
-    for step in range(10, 110, 10):
-      f.write(json.dumps({"step": step, "kind": "train", "loss": 6 - step / 50, "mfu": 0.3,
-                          "lr": 1e-3}) + "\n")
-    f.write(json.dumps({"step": 100, "kind": "valid", "nll": 4.2}) + "\n")
-  return path
-
-
-def mor_run(path: str) -> str:
+@pytest.fixture(scope="module")
+def mor_workdir(tmp_path_factory) -> str:
   """A 4-step expert-choice MoR run (Nr = 3 over 5 layers) of the launcher tests' tiny shape."""
-  launcher = launch_util.Launcher(os.path.join(path, "shared"), config="configs/mor.py:tiny")
-  result = launcher.run(os.path.join(path, "run"), {"model.num_layers": 5, "train.steps": 4})
+  path = tmp_path_factory.mktemp("notebook_run")
+  launcher = launch_util.Launcher(path / "shared", config="configs/mor.py:tiny")
+  result = launcher.run(path / "run", {"model.num_layers": 5, "train.steps": 4,
+                                       "train.eval_every": 2})
   assert result.returncode == 0, result.stderr
-  return os.path.join(path, "run")
+  return str(path / "run")
 
 
-RUNS = {"mor_routing.ipynb": mor_run}  # notebook -> the workdir it needs (default: fake_workdir)
+@pytest.fixture(scope="module")
+def venv_python(tmp_path_factory) -> str:
+  """The python of a venv that sees this interpreter's packages plus `pip install -e .` of the
+  repository (the only way `research` reaches a kernel started in notebooks/)."""
+  pytest.importorskip("nbconvert", reason="pip install -r requirements-dev.txt")
+  venv = tmp_path_factory.mktemp("venv")
+  subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+  python = str(venv / "bin" / "python")
+  r = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "-e", "."], cwd=ROOT,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, f"pip install -e . failed:\n{r.stdout}{r.stderr}"
+  return python
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb"))))
-def test_notebook_runs(path, tmp_path, monkeypatch):
-  make_run = RUNS.get(os.path.basename(path), lambda p: fake_workdir(os.path.join(p, "run")))
-  monkeypatch.setenv("WORKDIR", make_run(str(tmp_path)))
-  monkeypatch.setenv("MPLBACKEND", "Agg")
-  monkeypatch.setenv("PYTHONPATH", ROOT)
-  nb = nbformat.read(path, as_version=4)
-  nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                          resources={"metadata": {"path": ROOT}}).execute()
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_with_nbconvert_from_the_repository_root(name, mor_workdir, venv_python,
+                                                              tmp_path):
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+  env.update(WORKDIR=os.path.relpath(mor_workdir, ROOT), MPLBACKEND="Agg", JAX_PLATFORMS="cpu")
+  # `jupyter nbconvert` run by the venv's python, so that the kernel is the venv's python too
+  r = subprocess.run([venv_python, "-m", "nbconvert", "--to", "notebook", "--execute",
+                      f"notebooks/{name}", "--output-dir", str(tmp_path),
+                      "--ExecutePreprocessor.timeout=300"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-4000:]
+  cells = nbformat.read(tmp_path / name, as_version=4).cells
+  first = next(c for c in cells if c.cell_type == "code")
+  printed = "".join(o.get("text", "") for o in first.outputs)
+  # the relative WORKDIR was taken from the repository root, not from notebooks/
+  assert printed.startswith(os.path.join(ROOT, os.path.relpath(mor_workdir, ROOT))), printed
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebooks_default_to_the_readmes_first_run(name):
+  with open(os.path.join(ROOT, "README.md")) as f:
+    assert "--workdir=runs/mor_tiny\n" in f.read()
+  with open(os.path.join(ROOT, "notebooks", name)) as f:
+    source = "".join("".join(c["source"]) for c in json.load(f)["cells"])
+  assert 'os.environ.get("WORKDIR", "runs/mor_tiny")' in source

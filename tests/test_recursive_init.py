@@ -1,6 +1,6 @@
 """Recursive init from a pretrained Llama (RRT §2.2-2.3): shared-layer methods and SVD LoRA.
 
-Invariants of shared/specs/rrt_coe_rmoe_rexmoe.md §1.8 on a tiny random HF Llama (6 layers, so
+Invariants of docs/methods/rrt_coe_rmoe_rexmoe.md §1.8 on a tiny random HF Llama (6 layers, so
 that cycle B=2 is the paper's Fig. 2 toy and middle_cycle has 2 shared layers), then on the
 SmolLM2-135M GGUF (slow). The spec's Appendix-A 3x3 toy numbers are not reproduced: the spec gives
 only its outputs, not the toy weights.

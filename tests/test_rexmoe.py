@@ -1,4 +1,4 @@
-"""ReXMoE, experts reused across adjacent layers (docs/moe.md; shared/specs/rrt_coe_rmoe_rexmoe.md
+"""ReXMoE, experts reused across adjacent layers (docs/moe.md; docs/methods/rrt_coe_rmoe_rexmoe.md
 §4): a layer selects a neighbour's expert and uses that very parameter (gradients of both layers
 add up in one tensor), r = 1 is the plain MoE, PSR before t_s is the plain MoE with the local
 router block (§4.6 check 2), the PSR schedule against Eq. 6 by hand (check 4), groups (check 4),

@@ -1,4 +1,4 @@
-"""RMoE, the layerwise recurrent router (docs/moe.md; shared/specs/rrt_coe_rmoe_rexmoe.md §3):
+"""RMoE, the layerwise recurrent router (docs/moe.md; docs/methods/rrt_coe_rmoe_rexmoe.md §3):
 the model against a plain Python loop over layers with a GRU written out gate by gate (values and
 gradients, dense and ragged), the carry between layers and across the depths of a tied core, the
 detach / stateless (NP) ablations (spec §3.5 checks 2-3), parameter and FLOP counts (§3.2), the

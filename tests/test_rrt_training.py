@@ -1,6 +1,6 @@
 """RRT training features: merged LoRA, early exits and their losses, teacher distillation.
 
-Spec checks (shared/specs/rrt_coe_rmoe_rexmoe.md §1.4-1.5, §1.8 check 7): the merged per-loop
+Spec checks (docs/methods/rrt_coe_rmoe_rexmoe.md §1.4-1.5, §1.8 check 7): the merged per-loop
 LoRA equals the per-depth one and batches rows at different loops; exit logits are the final
 norm + head after each loop; Weighted gives (1/3, 2/3) and (1/6, 1/3, 1/2), Aggressive(0.1)
 gives (0.1, 1); the intermediate KD term sends no gradient into the final output; forward KL

@@ -246,3 +246,62 @@ def test_tiny_sweep_runs_resumes_and_reports(tmp_path, cache, env):
   assert "![validation NLL against FLOPs](results.png)" in md
   png = image.imread(workdir / "results.png")
   assert png.ndim == 3 and png.shape[0] > 200 and png.shape[1] > 300
+
+
+# --- the report on its own ----------------------------------------------------------------------
+
+
+def _row(cell: str, label: str) -> dict:
+  return dict(cell=cell, label=label, status="done", non_embedding_params=591_100, params=722_100,
+              flops_per_token=1.8e6, steps=160, planned_steps=160, tokens=327_680,
+              train_flops=6e11, valid_nll=5.2445, tokens_per_s=1000.0)
+
+
+def test_results_md_rows_have_the_headers_columns_when_labels_hold_pipes():
+  """mor_table3's labels join their columns with ' | ' (Model | Router | KV | ...)."""
+  from configs.ablations import mor_table3
+  rows = [_row(c.name, c.label) for c in mor_table3.get_sweep("tiny")]
+  assert all(" | " in r["label"] for r in rows)
+  table = [line for line in sweep.markdown_table(rows, "t").splitlines() if line.startswith("|")]
+  columns = {len(re.findall(r"(?<!\\)\|", line)) for line in table}
+  assert columns == {12}, columns  # 11 columns between 12 unescaped pipes, on every line
+  assert r"| MoR \| Expert \| Cache \| M-Cyc \| Nr=3 \| L=5 |" in table[2 + 5]
+
+
+def test_report_refuses_a_workdir_where_no_cell_has_results(tmp_path, cache, env):
+  cells = sweep.load_sweep(*sweep.parse_spec(SPEC))
+  cfgs = sweep.cell_configs(tiny_config(), cells, str(tmp_path), "s", ())
+  missing = tmp_path / "typo"
+  with pytest.raises(config_lib.ConfigError, match=re.escape(f"--workdir={missing}: no such dir")):
+    sweep.report(cells, cfgs, str(missing), "t")
+  assert not missing.exists()
+  empty = tmp_path / "empty"
+  (empty / cells[0].name / "checkpoints").mkdir(parents=True)  # a cell started, nothing logged
+  with pytest.raises(config_lib.ConfigError, match=re.escape(f"--workdir={empty}: no cell has")):
+    sweep.report(cells, cfgs, str(empty), "t")
+  assert sorted(p.name for p in empty.iterdir()) == [cells[0].name]  # nothing written
+
+  r = subprocess.run([sys.executable, LAUNCH_PY, f"--config={SPEC}", "--report",
+                      f"--workdir={missing}", f"--config.data.cache_dir={cache / 'data'}"],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0
+  assert r.stderr.strip().splitlines()[-1].startswith(f"error: --workdir={missing}: no such"), (
+      r.stderr)
+  assert not missing.exists()
+
+
+def test_report_plans_the_steps_with_the_training_loops_function(tmp_path, monkeypatch):
+  """Steps planned = loop.total_steps, the count training runs (docs/results/mor.md)."""
+  cells = [sweep.Cell("a", "A | 2 layers", {})]
+  cfg = sweep.cell_config(tiny_config(), sweep.Cell("cli", "the command line", TINY))
+  cfgs = sweep.cell_configs(cfg, cells, str(tmp_path), "s", ())
+  (tmp_path / "a").mkdir()
+  (tmp_path / "a" / "metrics.jsonl").write_text(
+      json.dumps({"kind": "train", "step": 3, "loss": 5.0}) + "\n"
+      + json.dumps({"kind": "valid", "step": 3, "nll": 5.5}) + "\n")
+  budgets = []
+  monkeypatch.setattr(loop, "total_steps", lambda c: budgets.append(c.train.flop_budget) or 12345)
+  rows = sweep.report(cells, cfgs, str(tmp_path), "t")
+  assert rows[0]["planned_steps"] == 12345 and budgets == [TINY["train.flop_budget"]]
+  assert "| 3/12345 |" in (tmp_path / "results.md").read_text()
+  assert r"| a | A \| 2 layers | pending |" in (tmp_path / "results.md").read_text()

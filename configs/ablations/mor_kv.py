@@ -3,7 +3,7 @@
   python launch.py --config=configs/ablations/mor_kv.py:tiny --workdir=runs/mor_kv --sweep
   python launch.py --config=configs/ablations/mor_kv.py:tiny --workdir=runs/mor_kv --report
 
-MoR Nr = 3, middle-cycle, a fixed token budget (10B tokens at 135m/360m; shared/specs/mor.md
+MoR Nr = 3, middle-cycle, a fixed token budget (10B tokens at 135m/360m; docs/methods/mor.md
 §3, §5.5) with cosine decay to 10%. Expert choice: Cache / Share / hybrid Share (the selected
 tokens refresh their own K/V); token choice: Cache / Share. The Recursive and Vanilla KV-sharing
 rows of Table 15 (sharing across layers without routing) are not a MoR mode and are not included.

@@ -4,7 +4,7 @@
   python launch.py --config=configs/ablations/mor_routers.py:tiny --workdir=runs/routers --report
 
 MoR Nr = 3, middle-cycle, recursion-wise caching, a fixed token budget (10B tokens at 135m/360m,
-the preset's steps below) with cosine decay to 10% (shared/specs/mor.md §4.2, §5.2-5.3). Watch
+the preset's steps below) with cosine decay to 10% (docs/methods/mor.md §4.2, §5.2-5.3). Watch
 mor/threshold_acc (Table 13 "Samp-Acc"), mor/depth_frac (dead tokens: depth 0 or stuck at 1),
 mor/maxvio and mor/entropy (Table 14). The random-router rows are not reproduced. The capacity
 warm-up length of Table 13's "Warmup" row is not stated in the paper: 20% of the run here.

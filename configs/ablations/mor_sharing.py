@@ -5,7 +5,7 @@
 
 Vanilla at full, 1/2 and 1/3 depth, then Cycle / Sequence / Middle-Cycle / Middle-Sequence with
 Nr = 2 and 3, a fixed token budget (10B tokens at 135m/360m) with cosine decay to 10%
-(shared/specs/mor.md §1.2, §5.4). As in Table 10 the unrolled depth rounds *down* to a valid one
+(docs/methods/mor.md §1.2, §5.4). As in Table 10 the unrolled depth rounds *down* to a valid one
 (360M Nr=3: Cycle 30 layers, Middle-Cycle 1+10x3+1 = 32; 135M Nr=3: Middle-Cycle 1+9x3+1 = 29).
 """
 

@@ -1,4 +1,4 @@
-"""MoR paper Table 3: Vanilla, Recursive and MoR at equal training FLOPs (shared/specs/mor.md §5.1).
+"""MoR paper Table 3: Vanilla, Recursive and MoR at equal training FLOPs (docs/methods/mor.md §5.1).
 
   python launch.py --config=configs/ablations/mor_table3.py:tiny --workdir=runs/table3 --sweep
   python launch.py --config=configs/ablations/mor_table3.py:tiny --workdir=runs/table3 --report

@@ -5,7 +5,7 @@
   python launch.py --config=configs/ablations/vanilla_depth.py:tiny --workdir=runs/vanilla_depth \
       --report
 
-The paper's isoFLOP protocol (shared/specs/mor.md §4.2-4.3): steps = budget / (paper FLOPs per
+The paper's isoFLOP protocol (docs/methods/mor.md §4.2-4.3): steps = budget / (paper FLOPs per
 token x tokens per step), WSD schedule with the warm-up fixed at 5% of the steps of the smallest
 budget and the decay over the last 20% of each run. At 135m/360m the full-depth cells are the
 Vanilla rows of the paper's Table 9 (2e18, 5e18, 16.5e18 FLOPs); the half-depth cells are ours.

@@ -1,6 +1,6 @@
 """Recursive and Relaxed Recursive Transformers initialised from a pretrained vanilla Llama.
 
-Bae et al. 2024 (RRT), shared/specs/rrt_coe_rmoe_rexmoe.md §1.2-§1.3, docs/rrt.md. The vanilla
+Bae et al. 2024 (RRT), docs/methods/rrt_coe_rmoe_rexmoe.md §1.2-§1.3, docs/rrt.md. The vanilla
 model has L layers W_0..W_{L-1}; the recursive model's plan (recursion.make_plan) runs shared layer
 j at the unrolled depths T(j) = plan.source_depths(j). Prelude and coda layers (middle-*) copy the
 pretrained first and last layers. Shared layer j is initialised by one of METHODS:

@@ -9,7 +9,7 @@ Chain-of-Experts (the inner residual adds are free). A MoR core
 counts what its implementation really computes: the gathered tokens of each step (k_r for expert
 choice, the slots for token choice), or the full length for impl="masked".
 
-`paper_flops_per_token`: the MoR paper's App. D convention (shared/specs/mor.md §4.3), forward
+`paper_flops_per_token`: the MoR paper's App. D convention (docs/methods/mor.md §4.3), forward
 only: K/V projections counted as d x d (GQA ignored), attention 2*d*T per layer, no embedding or
 head; a MoR step at capacity c costs c * linear + c^2 * attention (recursion-wise caching) or
 c * (linear without K/V + attention) (KV sharing, steps r >= 2); token choice assumes perfect

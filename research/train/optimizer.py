@@ -1,7 +1,7 @@
 """AdamW with warmup-stable-decay or cosine schedules (optax).
 
 Weight decay skips parameters with fewer than two dimensions (RMSNorm scales, biases), as
-HF's Trainer does; embeddings and every matrix are decayed (shared/specs/mor.md §4.2).
+HF's Trainer does; embeddings and every matrix are decayed (docs/methods/mor.md §4.2).
 """
 
 import jax
