@@ -1,4 +1,4 @@
-"""Pure routing functions of Mixture-of-Recursions (shared/specs/mor.md §2): capacities, top-k over
+"""Pure routing functions of Mixture-of-Recursions (docs/methods/mor.md §2): capacities, top-k over
 the tokens of a row, gather/scatter of rows, gates, auxiliary losses and the loss-free bias; and of
 token-choice Mixture-of-Experts (docs/moe.md): expert scores, top-k experts per token, per-row
 expert capacity, sort by expert / unsort with a gather-only backward, group sizes, the

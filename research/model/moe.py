@@ -14,7 +14,7 @@ carries the token). impl "dense" runs every expert on every token and masks the 
 reference); "ragged" sorts the assignments by expert and runs jax.lax.ragged_dot grouped matmuls,
 then unsorts and sums with the gates. Both give the same values and gradients (tests/test_moe.py).
 
-Chain-of-Experts (Wang et al. 2025, shared/specs/rrt_coe_rmoe_rexmoe.md §2.1; docs/moe.md) is
+Chain-of-Experts (Wang et al. 2025, docs/methods/rrt_coe_rmoe_rexmoe.md §2.1; docs/moe.md) is
 the same layer iterated C = `iterations` times over the SAME experts, iteration t routed by its own
 router t (routers.Router stacks C of them; one with coe_shared_router), top-k per iteration, the
 shared experts run at every iteration:

@@ -1,6 +1,6 @@
 """Layer tying: which shared layer each unrolled depth runs, and the relaxed (LoRA) core.
 
-Sharing strategies (MoR paper Table 5; shared/specs/mor.md §1.2), unrolled depth l in [0, L):
+Sharing strategies (MoR paper Table 5; docs/methods/mor.md §1.2), unrolled depth l in [0, L):
   cycle            B = L/Nr shared layers, depth l uses layer l mod B    [(0,1,2),(0,1,2)]
   sequence         B = L/Nr, depth l uses layer floor(l / Nr)           [(0,0),(1,1),(2,2)]
   middle_cycle     first and last layers unique; the L-2 middle depths cycle over (L-2)/Nr layers

@@ -1,13 +1,13 @@
 """Router networks: they only score tokens; research/routing.py turns scores into decisions.
 
-MoR routers (shared/specs/mor.md §2.1, paper App. G.1), `num` of them stacked on a leading axis
+MoR routers (docs/methods/mor.md §2.1, paper App. G.1), `num` of them stacked on a leading axis
 (one per recursion step for expert choice, one for token choice), no biases, N(0, 0.02) init:
   linear    s = x W
   mlp       s = GELU(x W1) W2, hidden 2d (the official code)
   wide_mlp  s = GELU(x W1) W2, hidden 4d (the paper's text; the official code's wide_mlp is the
             same 2d MLP as mlp, so its W-MLP rows are 2d)
 
-RMoE's layerwise recurrent MoE router (Qiu et al. 2024 §3.2, Eq. 4-6; shared/specs/
+RMoE's layerwise recurrent MoE router (Qiu et al. 2024 §3.2, Eq. 4-6; docs/methods/
 rrt_coe_rmoe_rexmoe.md §3.1): RecurrentRouter of MoE layer i, one GRUCell shared by all layers.
 """
 
