@@ -33,7 +33,7 @@ def test_launch_generate_prints_the_checkpoints_sampled_continuations(tmp_path):
   tok = loaded.run.tokenizer
   ids = tok.encode("KING", add_special_tokens=False).ids
   prompt_BT = jnp.asarray([ids] * 2)
-  out_BN = np.asarray(generate.sample(loaded.model, prompt_BT, 6, temperature=0.8, top_p=0.95,
+  out_BN = np.asarray(decode.generate(loaded.model, prompt_BT, 6, temperature=0.8, top_p=0.95,
                                       key=jax.random.key(0)))
   texts = [generate.continuation(tok, row) for row in out_BN.tolist()]
   header = f"step 4: 6 tokens after a {len(ids)}-token prompt, temperature 0.8, top-p 0.95, seed 0"
@@ -52,16 +52,15 @@ def test_top_p_samples_only_from_the_nucleus():
   logits_BV = jnp.log(jnp.tile(jnp.asarray([[0.15, 0.5, 0.05, 0.3]]), (4000, 1)))
   drawn = {}
   for top_p in (0.8, 0.81, 1.0):
-    drawn[top_p] = np.asarray(generate.sample_top_p(logits_BV, jax.random.key(1), temperature=1.0,
-                                                    top_p=top_p))
+    drawn[top_p] = np.asarray(decode.pick(logits_BV, 1.0, jax.random.key(1), top_p))
   assert set(drawn[0.8].tolist()) == {1, 3}
   assert set(drawn[0.81].tolist()) == {0, 1, 3}
   assert set(drawn[1.0].tolist()) == {0, 1, 2, 3}
   share = np.mean(drawn[0.8] == 1)  # renormalised: 0.5 / 0.8
   assert abs(share - 0.625) < 0.03, share
-  tiny = generate.sample_top_p(logits_BV[:3], jax.random.key(2), temperature=2.0, top_p=1e-6)
+  tiny = decode.pick(logits_BV[:3], 2.0, jax.random.key(2), 1e-6)
   assert tiny.tolist() == [1, 1, 1]
-  plain = generate.sample_top_p(logits_BV, jax.random.key(3), temperature=0.7, top_p=1.0)
+  plain = decode.pick(logits_BV, 0.7, jax.random.key(3))
   assert plain.tolist() == jax.random.categorical(jax.random.key(3), logits_BV / 0.7).tolist()
 
 

@@ -7,13 +7,7 @@ The model, tokenizer and data come from <workdir>/config.json (research.analysis
 only config.generate.* is read from the command line. The default samples (temperature 0.8,
 top-p 0.95): greedy decoding of a small model tends to repeat its likeliest token (the tiny MoR
 run repeats the newline). A continuation with no visible text is shown as its token ids, with
-the reason.
-
-Top-p (nucleus) sampling, `sample_top_p`, lives here for now; research/infer/decode.py samples
-with a temperature only, so top_p < 1 decodes by prefill and decode_step calls from this module.
-"""
-
-import functools
+the reason."""
 
 import jax
 import jax.numpy as jnp
@@ -25,46 +19,6 @@ from research.analysis import routing
 from research.config import ConfigError
 from research.data import tokenizer as tokenizer_lib
 from research.infer import decode
-from research.model.lm import LanguageModel
-
-Array = jax.Array
-
-
-@functools.partial(jax.jit, static_argnames=("temperature", "top_p"))
-def sample_top_p(logits_BV: Array, key: Array, *, temperature: float, top_p: float) -> Array:
-  """One token per row from softmax(logits / temperature) restricted to the nucleus: the
-  likeliest tokens whose probabilities, in decreasing order, first reach top_p (always at least
-  the likeliest one). temperature 0 is argmax; top_p 1 keeps every token."""
-  if temperature == 0:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  scaled_BV = logits_BV.astype(jnp.float32) / temperature
-  if top_p < 1:
-    order_BV = jnp.argsort(-scaled_BV, axis=-1)
-    sorted_BV = jnp.take_along_axis(scaled_BV, order_BV, axis=-1)
-    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass of the likelier tokens
-    sorted_BV = jnp.where(mass_before_BV < top_p, sorted_BV, -jnp.inf)
-    scaled_BV = jnp.full_like(scaled_BV, -jnp.inf).at[
-        jnp.arange(scaled_BV.shape[0])[:, None], order_BV].set(sorted_BV)
-  return jax.random.categorical(key, scaled_BV, axis=-1).astype(jnp.int32)
-
-
-def sample(model: LanguageModel, prompt_BT: Array, num_tokens: int, *, temperature: float,
-           top_p: float, key: Array) -> Array:
-  """num_tokens tokens [B, N] after the prompt. Greedy and plain temperature sampling are
-  decode.generate; top_p < 1 runs decode.prefill, then decode_step on each sampled token, token i
-  sampled with fold_in(key, i) as decode.generate does."""
-  if temperature == 0 or top_p >= 1:
-    return decode.generate(model, prompt_BT, num_tokens, temperature=temperature,
-                           key=key if temperature > 0 else None)
-  cache = decode.init_cache(model, prompt_BT.shape[0], prompt_BT.shape[1] + num_tokens)
-  logits_BTV, cache = decode.prefill(model, prompt_BT, cache)
-  pick = functools.partial(sample_top_p, temperature=temperature, top_p=top_p)
-  tokens = [pick(logits_BTV[:, -1], jax.random.fold_in(key, 0))]
-  for i in range(1, num_tokens):
-    logits_BV, cache = decode.decode_step(model, tokens[-1], cache)
-    tokens.append(pick(logits_BV, jax.random.fold_in(key, i)))
-  return jnp.stack(tokens, axis=1)
 
 
 def check(g: mlc.ConfigDict) -> None:
@@ -85,8 +39,9 @@ def generate_from_checkpoint(cfg: mlc.ConfigDict, workdir: str) -> list[str]:
   if not ids:
     raise ConfigError(f"config.generate.prompt={g.prompt!r}: encodes to no tokens")
   prompt_BT = jnp.asarray([ids] * g.num_samples, jnp.int32)
-  tokens_BN = np.asarray(sample(loaded.model, prompt_BT, g.num_tokens, temperature=g.temperature,
-                                top_p=g.top_p, key=jax.random.key(g.seed)))
+  tokens_BN = np.asarray(decode.generate(loaded.model, prompt_BT, g.num_tokens,
+                                         temperature=g.temperature, top_p=g.top_p,
+                                         key=jax.random.key(g.seed)))
   rows = tokens_BN.tolist()
   texts = [continuation(tok, row) for row in rows]
   if g.temperature == 0:
