@@ -327,7 +327,7 @@ def test_balanced_routing_gives_coeff_per_gate_call_in_the_model(scope):
   for block in model.core.blocks:
     block.ffn.router.w1[...] = jnp.zeros_like(block.ffn.router.w1[...])
   segments = jnp.ones((2, T), jnp.int32).at[1, T - 3:].set(0)
-  _, aux = nnx.jit(lambda m, t, s: m(t, segments_BT=s))(model, jnp.zeros((2, T), jnp.int32),
+  _, aux, _ = nnx.jit(lambda m, t, s: m(t, segments_BT=s))(model, jnp.zeros((2, T), jnp.int32),
                                                           segments)
   np.testing.assert_allclose(aux["moe/balance"], 1.0, rtol=1e-6)
   np.testing.assert_allclose(aux["loss/moe_balance"], 2 * 0.001, rtol=1e-6)

@@ -80,7 +80,7 @@ def test_route_matches_the_model_forward(kind, mesh):
   batch = packed_batch(np.random.default_rng(0))
   routes, aux = routing.route(model, batch)
   inputs = routing.inputs_of(batch)
-  _, model_aux = nnx.jit(lambda m, *a: m(*a))(model, inputs, batch["positions"][:, :-1],
+  _, model_aux, _ = nnx.jit(lambda m, *a: m(*a))(model, inputs, batch["positions"][:, :-1],
                                                 batch["segment_ids"][:, :-1])
   np.testing.assert_allclose(aux["mor/depth_frac"], model_aux["mor/depth_frac"], rtol=1e-6)
   valid = batch["segment_ids"][:, :-1] != 0
