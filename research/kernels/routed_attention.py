@@ -1,7 +1,8 @@
 """Routed attention: flash attention over token subsets, masked by original indices and segments
 (docs/kernels.md).
 
-    out[b, i, h] = sum_j softmax_j(s_bhij) v[b, j, h // G],   s_bhij = Dh^-1/2 q[b, i, h] . k[b, j, h // G]
+    out[b, i, h] = sum_j softmax_j(s_bhij) v[b, j, h // G],
+    s_bhij = Dh^-1/2 q[b, i, h] . k[b, j, h // G],
 
 over the keys j that query i may read (mask_bij):
     q_seg[i] != 0 and kv_seg[j] != 0 and (not causal or kv_idx[j] <= q_idx[i])
@@ -268,13 +269,13 @@ def _on_platform(fn, interpret: bool, platform: str | None):
 class _Layout(NamedTuple):
   """Operands in kernel layout: heads before tokens, kv side stacked as [nk, bk, .]."""
 
-  q_BHTD: Array
-  k_BKNCD: Array  # [B, K, nk, bk, Dh]
-  v_BKNCD: Array
-  q_idx_BT1: Array
-  q_seg_BT1: Array
-  kv_idx_BN1C: Array  # [B, nk, 1, bk]
-  kv_seg_BN1C: Array
+  q: Array  # [B, H, T, Dh]
+  k: Array  # [B, K, nk, bk, Dh]
+  v: Array  # [B, K, nk, bk, Dh]
+  q_idx: Array  # [B, T, 1]
+  q_seg: Array  # [B, T, 1]
+  kv_idx: Array  # [B, nk, 1, bk]
+  kv_seg: Array  # [B, nk, 1, bk]
 
 
 def _pad_axis(x: Array, axis: int, multiple: int) -> Array:
@@ -300,8 +301,8 @@ def _layout(q_BTHD, k_BSKD, v_BSKD, q_idx_BT, q_seg_BT, kv_idx_BS, kv_seg_BS, bq
 
 
 def _forward(x: _Layout, visits: _Visits, *, causal, cross_segments, bq, interpret, platform):
-  b, h, tp, dh = x.q_BHTD.shape
-  kv_heads, nk, bk = x.k_BKNCD.shape[1:4]
+  b, h, tp, dh = x.q.shape
+  kv_heads, nk, bk = x.k.shape[1:4]
   group = h // kv_heads
   sq = pl.Squeezed()
   kernel = functools.partial(_fwd_kernel, scale=dh**-0.5, causal=causal,
@@ -313,9 +314,9 @@ def _forward(x: _Layout, visits: _Visits, *, causal, cross_segments, bq, interpr
   lse_spec = pl.BlockSpec((sq, sq, bq, 1), lambda bb, hh, i: (bb, hh, i, 0))
   return _on_platform(lambda p: _call(
       kernel, (b, h, tp // bq), (visits.kv_list, visits.kv_count),
-      (x.q_BHTD, x.k_BKNCD, x.v_BKNCD, x.q_idx_BT1, x.q_seg_BT1, x.kv_idx_BN1C, x.kv_seg_BN1C),
+      (x.q, x.k, x.v, x.q_idx, x.q_seg, x.kv_idx, x.kv_seg),
       [q_spec, kv_spec, kv_spec, qm_spec, qm_spec, km_spec, km_spec],
-      [jax.ShapeDtypeStruct(x.q_BHTD.shape, x.q_BHTD.dtype),
+      [jax.ShapeDtypeStruct(x.q.shape, x.q.dtype),
        jax.ShapeDtypeStruct((b, h, tp, 1), jnp.float32)],
       [q_spec, lse_spec], name="routed_attention_fwd", platform=p, interpret=interpret),
       interpret, platform)
@@ -323,12 +324,12 @@ def _forward(x: _Layout, visits: _Visits, *, causal, cross_segments, bq, interpr
 
 def _backward(x: _Layout, visits: _Visits, out_BHTD, lse_BHT1, do_BHTD, *, causal,
               cross_segments, bq, interpret, platform):
-  b, h, tp, dh = x.q_BHTD.shape
-  kv_heads, nk, bk = x.k_BKNCD.shape[1:4]
+  b, h, tp, dh = x.q.shape
+  kv_heads, nk, bk = x.k.shape[1:4]
   nq, group = tp // bq, h // kv_heads
   sq = pl.Squeezed()
   statics = dict(scale=dh**-0.5, causal=causal, cross_segments=cross_segments)
-  do_BHTD = do_BHTD.astype(x.q_BHTD.dtype)
+  do_BHTD = do_BHTD.astype(x.q.dtype)
   delta_BHT1 = jnp.sum(do_BHTD.astype(jnp.float32) * out_BHTD.astype(jnp.float32), axis=-1,
                        keepdims=True)
 
@@ -340,10 +341,10 @@ def _backward(x: _Layout, visits: _Visits, out_BHTD, lse_BHT1, do_BHTD, *, causa
   row_spec = pl.BlockSpec((sq, sq, bq, 1), lambda bb, hh, i: (bb, hh, i, 0))
   dq_BHTD = _on_platform(lambda p: _call(
       functools.partial(_dq_kernel, **statics), (b, h, nq), (visits.kv_list, visits.kv_count),
-      (x.q_BHTD, x.k_BKNCD, x.v_BKNCD, x.q_idx_BT1, x.q_seg_BT1, x.kv_idx_BN1C, x.kv_seg_BN1C,
+      (x.q, x.k, x.v, x.q_idx, x.q_seg, x.kv_idx, x.kv_seg,
        do_BHTD, lse_BHT1, delta_BHT1),
       [q_spec, kv_spec, kv_spec, qm_spec, qm_spec, km_spec, km_spec, q_spec, row_spec, row_spec],
-      [jax.ShapeDtypeStruct(x.q_BHTD.shape, x.q_BHTD.dtype)], [q_spec],
+      [jax.ShapeDtypeStruct(x.q.shape, x.q.dtype)], [q_spec],
       name="routed_attention_dq", platform=p, interpret=interpret), interpret, platform)[0]
 
   # dk, dv per query head: kv-side blocks by the grid, q side stacked [nq, bq, .] and whole.
@@ -362,9 +363,9 @@ def _backward(x: _Layout, visits: _Visits, out_BHTD, lse_BHT1, do_BHTD, *, causa
   dkv_shape = jax.ShapeDtypeStruct((b, h, nk, bk, dh), jnp.float32)
   dk_BHNCD, dv_BHNCD = _on_platform(lambda p: _call(
       functools.partial(_dkv_kernel, **statics), (b, h, nk), (visits.q_list, visits.q_count),
-      (q_stack(x.q_BHTD), x.k_BKNCD, x.v_BKNCD, x.q_idx_BT1.reshape(b, nq, 1, bq),
-       x.q_seg_BT1.reshape(b, nq, 1, bq), x.kv_idx_BN1C.reshape(b, nk, bk, 1),
-       x.kv_seg_BN1C.reshape(b, nk, bk, 1), q_stack(do_BHTD), row_stack(lse_BHT1),
+      (q_stack(x.q), x.k, x.v, x.q_idx.reshape(b, nq, 1, bq),
+       x.q_seg.reshape(b, nq, 1, bq), x.kv_idx.reshape(b, nk, bk, 1),
+       x.kv_seg.reshape(b, nk, bk, 1), q_stack(do_BHTD), row_stack(lse_BHT1),
        row_stack(delta_BHT1)),
       [qs_spec, k_spec, k_spec, qms_spec, qms_spec, kms_spec, kms_spec, qs_spec, rows_spec,
        rows_spec],
@@ -373,7 +374,7 @@ def _backward(x: _Layout, visits: _Visits, out_BHTD, lse_BHT1, do_BHTD, *, causa
 
   def per_kv_head(d_BHNCD):  # sum over the G query heads of each kv head
     d_BKGSD = d_BHNCD.reshape(b, kv_heads, group, nk * bk, dh)
-    return d_BKGSD.sum(2).astype(x.k_BKNCD.dtype)
+    return d_BKGSD.sum(2).astype(x.k.dtype)
 
   return dq_BHTD, per_kv_head(dk_BHNCD), per_kv_head(dv_BHNCD)
 
@@ -385,8 +386,8 @@ def _backward(x: _Layout, visits: _Visits, out_BHTD, lse_BHT1, do_BHTD, *, causa
 def _pieces(q_BTHD, k_BSKD, v_BSKD, q_idx_BT, q_seg_BT, kv_idx_BS, kv_seg_BS, causal,
             cross_segments, bq, bk):
   x = _layout(q_BTHD, k_BSKD, v_BSKD, q_idx_BT, q_seg_BT, kv_idx_BS, kv_seg_BS, bq, bk)
-  visits = _visits(x.q_idx_BT1[..., 0], x.q_seg_BT1[..., 0], x.kv_idx_BN1C.reshape(
-      x.kv_idx_BN1C.shape[0], -1), x.kv_seg_BN1C.reshape(x.kv_seg_BN1C.shape[0], -1),
+  visits = _visits(x.q_idx[..., 0], x.q_seg[..., 0], x.kv_idx.reshape(
+      x.kv_idx.shape[0], -1), x.kv_seg.reshape(x.kv_seg.shape[0], -1),
       causal=causal, cross_segments=cross_segments, block_q=bq, block_k=bk)
   return x, visits
 
