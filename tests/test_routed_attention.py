@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 
 from research import config as config_lib
-from research.kernels import dispatch
+from research.kernels import dispatch, xla_attention
 from research.kernels import routed_attention as ra
-from research.kernels import xla_attention
 from research.model import layers
 from tests.model_util import tiny_config
 
