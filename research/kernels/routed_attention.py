@@ -430,8 +430,9 @@ _routed_attention.defvjp(_routed_attention_fwd, _routed_attention_bwd)
 
 
 def _block(requested: int, n: int) -> int:
-  """The requested block, or for a shorter axis the power of two >= n (at least 8)."""
-  return requested if n >= requested else max(8, 1 << (n - 1).bit_length())
+  """The requested block, or for a shorter axis the power of two >= n, at least 16 (Triton's
+  smallest dot; a multiple of the bfloat16 sublane tiling on TPU)."""
+  return requested if n >= requested else max(16, 1 << (n - 1).bit_length())
 
 
 def routed_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, q_idx_BT: Array,
