@@ -241,7 +241,8 @@ _PLATFORMS = ("triton", "mosaic")
 
 def _call(kernel, grid, metadata, inputs, in_specs, out_shape, out_specs, *, name: str,
           platform: str, interpret: bool):
-  """pallas_call of `kernel(meta0, meta1, *inputs, *outputs)` for `platform` (triton | mosaic)."""
+  """pallas_call of `kernel(meta0, meta1, *inputs, *outputs)` for `platform` (triton | mosaic).
+  Triton: 4 warps up to Dh = 64, else 8 (the heuristic of jax's ops/gpu/attention.py; untuned)."""
   if platform == "mosaic":
     def shift(spec):  # index maps also receive the scalar-prefetch refs
       return pl.BlockSpec(spec.block_shape, lambda *a, f=spec.index_map: f(*a[:len(grid)]))
@@ -255,7 +256,8 @@ def _call(kernel, grid, metadata, inputs, in_specs, out_shape, out_specs, *, nam
   return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=[*whole, *in_specs],
                         out_specs=out_specs, interpret=interpret, name=name,
                         compiler_params=None if interpret else pltriton.CompilerParams(
-                            num_warps=4, num_stages=2))(*metadata, *inputs)
+                            num_warps=4 if inputs[0].shape[-1] <= 64 else 8,
+                            num_stages=2))(*metadata, *inputs)
 
 
 def _on_platform(fn, interpret: bool, platform: str | None):
