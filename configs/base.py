@@ -30,6 +30,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.compute_dtype = "auto"  # auto (bf16 on GPU/TPU, fp32 on CPU) | float32 | bfloat16
   c.model.param_dtype = "float32"  # master weights
   c.model.attend_across_segments = False  # True: packed docs see each other (MoR code)
+  c.model.attention_impl = "auto"  # auto (pallas on GPU/TPU, xla on CPU) | xla | pallas | reference
   c.model.remat = "none"  # none | block: rematerialise each block in the backward pass
   c.model.init_from = ""  # HF Llama directory or .gguf file to initialise from ("": random init)
 

@@ -92,6 +92,7 @@ def validate_model(cfg: mlc.ConfigDict) -> None:
   _one_of(cfg, "model.compute_dtype", DTYPES)
   _one_of(cfg, "model.param_dtype", ("float32", "bfloat16"))
   _one_of(cfg, "model.remat", ("none", "block"))
+  _one_of(cfg, "model.attention_impl", dispatch.ATTENTION_IMPLS)
 
 
 def validate_mor(cfg: mlc.ConfigDict) -> None:

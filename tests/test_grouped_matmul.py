@@ -1,4 +1,5 @@
-"""Grouped matmul (docs/kernels.md): the Pallas kernel in interpret mode == the pure-jnp reference
+"""Grouped matmul (docs/kernels.md): the Pallas kernel (both variants, Triton and Mosaic TPU) in
+interpret mode == the pure-jnp reference
 == jax.lax.ragged_dot, in values and in the gradients w.r.t. lhs and rhs, for group-size patterns
 with empty groups, one group holding every row, sizes that are not multiples of the tile, rows past
 sum(group_sizes) and an M/K/N that are not multiples of the tile; the dispatch rule; the MoE layer
@@ -45,8 +46,10 @@ def operands(dtype, seed=0):
   return lhs_MK, rhs_GKN, probe_MN
 
 
-IMPLS = {
+IMPLS = {  # "pallas": the Triton variant (the interpreter's default), "mosaic": the TPU one
     "pallas": functools.partial(gmm_lib.grouped_matmul, tiling=TILING, interpret=True),
+    "mosaic": functools.partial(gmm_lib.grouped_matmul, tiling=TILING, interpret=True,
+                                platform="mosaic"),
     "reference": gmm_lib.grouped_matmul_reference,
     "xla": jax.lax.ragged_dot,
 }
@@ -82,23 +85,26 @@ def test_kernel_equals_reference_and_ragged_dot(pattern, dtype):
   lhs_MK, rhs_GKN, probe_MN = operands(dtype)
   sizes_G = jnp.array(PATTERNS[pattern], jnp.int32)
   results = {impl: value_and_grads(impl)(lhs_MK, rhs_GKN, sizes_G, probe_MN) for impl in IMPLS}
-  for impl in ("pallas", "xla"):
+  for impl in ("pallas", "mosaic", "xla"):
     for name, got, want in zip(("out", "d_lhs", "d_rhs"), results[impl], results["reference"],
                                strict=True):
       assert got.dtype == want.dtype == dtype, (impl, name)
       assert got.shape == want.shape, (impl, name)
       assert_close(got, want, dtype, f"{impl} {name} {pattern}")
-  out, d_lhs, d_rhs = results["pallas"]
-  end = sum(PATTERNS[pattern])
-  assert not np.asarray(out[end:], np.float32).any(), "rows past sum(group_sizes) must give 0"
-  assert not np.asarray(d_lhs[end:], np.float32).any()
-  for g, size in enumerate(PATTERNS[pattern]):
-    if size == 0:
-      assert not np.asarray(d_rhs[g], np.float32).any(), f"empty group {g} must get d_rhs 0"
+  for impl in ("pallas", "mosaic"):
+    out, d_lhs, d_rhs = results[impl]
+    end = sum(PATTERNS[pattern])
+    assert not np.asarray(out[end:], np.float32).any(), "rows past sum(group_sizes) must give 0"
+    assert not np.asarray(d_lhs[end:], np.float32).any()
+    for g, size in enumerate(PATTERNS[pattern]):
+      if size == 0:
+        assert not np.asarray(d_rhs[g], np.float32).any(), f"empty group {g} must get d_rhs 0"
 
 
-@pytest.mark.parametrize("tiling", [(8, 8, 8), (16, 32, 16), gmm_lib.DEFAULT_TILING], ids=str)
-def test_tilings_agree(tiling):
+@pytest.mark.parametrize("tiling,platform", [
+    ((8, 8, 8), "triton"), ((8, 8, 8), "mosaic"), ((16, 32, 16), "triton"),
+    ((16, 32, 16), "mosaic"), (gmm_lib.DEFAULT_TILING, "triton")], ids=str)
+def test_tilings_agree(tiling, platform):
   """Tiles smaller than a group, wider than K, and the default (one tile covering M, K, N)."""
   lhs_MK, rhs_GKN, probe_MN = operands(jnp.float32, seed=1)
   sizes_G = jnp.array(PATTERNS["mixed"], jnp.int32)
@@ -106,7 +112,8 @@ def test_tilings_agree(tiling):
   def loss(lhs_MK, rhs_GKN, gmm):
     return jnp.sum(gmm(lhs_MK, rhs_GKN, sizes_G) * probe_MN)
 
-  kernel = functools.partial(gmm_lib.grouped_matmul, tiling=tiling, interpret=True)
+  kernel = functools.partial(gmm_lib.grouped_matmul, tiling=tiling, interpret=True,
+                             platform=platform)
   got = jax.jit(jax.value_and_grad(functools.partial(loss, gmm=kernel), argnums=(0, 1)))(
       lhs_MK, rhs_GKN)
   want = jax.value_and_grad(functools.partial(loss, gmm=jax.lax.ragged_dot), argnums=(0, 1))(
@@ -115,10 +122,12 @@ def test_tilings_agree(tiling):
     np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-5)
 
 
-def test_tgmm_is_the_per_group_transposed_product():
+@pytest.mark.parametrize("platform", gmm_lib.PLATFORMS)
+def test_tgmm_is_the_per_group_transposed_product(platform):
   lhs_MK, _, probe_MN = operands(jnp.float32, seed=2)
   sizes = PATTERNS["mixed"]
-  got = gmm_lib.tgmm(lhs_MK, probe_MN, jnp.array(sizes, jnp.int32), TILING, interpret=True)
+  got = gmm_lib.tgmm(lhs_MK, probe_MN, jnp.array(sizes, jnp.int32), TILING, interpret=True,
+                     platform=platform)
   assert got.shape == (4, K, N)
   start = 0
   for g, size in enumerate(sizes):
@@ -186,18 +195,92 @@ def test_moe_layer_with_gmm_equals_xla(mesh, gmm):
     np.testing.assert_allclose(g_k[...], g_x[...], atol=1e-5, err_msg=str(path))
 
 
-def test_kernel_lowers_to_triton_for_gpu():
-  """Cross-platform lowering from this CPU host (no GPU needed, nothing compiled or run): the
-  forward and the gradient emit Triton custom calls, not Mosaic GPU."""
+def test_visits_of_a_straddling_pattern():
+  """sizes (10, 0, 25, 7) over 50 rows in tiles of 16: the forward visits tile 0 for groups 0 and
+  2, tiles 1 and 2 for group 2 and 3 (tile 2 straddles), tile 3 (rows 48-49, past the groups)
+  once to write 0, then pads to 4 + 4 - 1 = 7 slots; tgmm visits in group order with one visit
+  for the empty group 1."""
+  offsets = gmm_lib._group_offsets(jnp.array([10, 0, 25, 7], jnp.int32), 50)
+  fwd = gmm_lib.gmm_visits(offsets, 16, 64)
+  np.testing.assert_array_equal(fwd.group, [0, 2, 2, 2, 3, 3, 3])
+  np.testing.assert_array_equal(fwd.tile, [0, 0, 1, 2, 2, 3, 3])
+  np.testing.assert_array_equal(fwd.start, [0, 10, 10, 10, 35, 48, 48])
+  np.testing.assert_array_equal(fwd.real_end, [10, 35, 35, 35, 42, 48, 48])
+  np.testing.assert_array_equal(fwd.own_end, [10, 35, 35, 35, 64, 64, 64])
+  np.testing.assert_array_equal(fwd.compute, [1, 1, 1, 1, 1, 0, 0])
+  np.testing.assert_array_equal(fwd.live, [1, 1, 1, 1, 1, 1, 0])
+  bwd = gmm_lib.tgmm_visits(offsets, 16, 64)
+  np.testing.assert_array_equal(bwd.group, [0, 1, 2, 2, 2, 3, 3])
+  np.testing.assert_array_equal(bwd.compute, [1, 0, 1, 1, 1, 1, 1])
+  np.testing.assert_array_equal(bwd.first, [1, 1, 1, 0, 0, 1, 1])
+  np.testing.assert_array_equal(bwd.last, [1, 1, 0, 0, 1, 1, 1])
+  np.testing.assert_array_equal(bwd.live, [1, 1, 1, 1, 1, 1, 0])
+
+
+def test_many_groups_large_k():
+  """64 groups at K = 2048 with 40 rows (most groups empty, boundaries inside tiles), the TPU
+  variant with tiles (16, 2048, 128). The old kernel's weight block here was (G, K, tn) =
+  64 x 2048 x 128, 32 MiB in bfloat16 (64 MiB in float32), double-buffered: past every TPU's VMEM.
+  The re-tiled kernel's blocks are (tm, tk), (tk, tn), (tm, tn) and a (tm, tn) float32
+  accumulator. The forward and tgmm (d_rhs) == ragged_dot and its rhs gradient. (d_lhs is the
+  forward kernel again, on rhs^T: covered at the small shapes; the interpreter copies the 64 MiB
+  weight on every grid step, so it is left out here to keep the test fast.)"""
+  m, k, n, groups = 40, 2048, 128, 64
+  k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
+  lhs_MK = jax.random.normal(k1, (m, k))
+  rhs_GKN = jax.random.normal(k2, (groups, k, n)) / np.sqrt(k)
+  probe_MN = jax.random.normal(k3, (m, n))
+  sizes = np.zeros(groups, np.int32)
+  sizes[[1, 5, 6, 30, 63]] = [7, 12, 1, 15, 3]  # 38 rows: 2 past the groups
+  sizes_G = jnp.asarray(sizes)
+  tiling = (16, 2048, 128)
+  out = jax.jit(functools.partial(gmm_lib.grouped_matmul, tiling=tiling, interpret=True,
+                                  platform="mosaic"))(lhs_MK, rhs_GKN, sizes_G)
+  np.testing.assert_allclose(out, jax.lax.ragged_dot(lhs_MK, rhs_GKN, sizes_G), atol=1e-4,
+                             rtol=1e-4)
+  d_rhs = jax.jit(functools.partial(gmm_lib.tgmm, tiling=tiling, interpret=True,
+                                    platform="mosaic"))(lhs_MK, probe_MN, sizes_G)
+  d_rhs_x = jax.grad(lambda r: jnp.sum(jax.lax.ragged_dot(lhs_MK, r, sizes_G) * probe_MN))(
+      rhs_GKN)
+  np.testing.assert_allclose(d_rhs, d_rhs_x, atol=1e-4, rtol=1e-4)
+  assert not np.asarray(out[38:]).any() and not np.asarray(d_rhs[0]).any()
+
+
+def test_bench_legacy_tiling_equals_ragged_dot():
+  """bench/kernels.py's previous tiling (kept for comparison) computes the same forward."""
+  from bench import kernels as bench_kernels
+  lhs_MK, rhs_GKN, _ = operands(jnp.float32, seed=3)
+  sizes_G = jnp.array(PATTERNS["mixed"], jnp.int32)
+  got = jax.jit(functools.partial(bench_kernels.legacy_grouped_matmul, tiling=TILING,
+                                  interpret=True))(lhs_MK, rhs_GKN, sizes_G)
+  np.testing.assert_allclose(got, jax.lax.ragged_dot(lhs_MK, rhs_GKN, sizes_G), atol=1e-5)
+
+
+def _patch_tpu_info(monkeypatch):
+  """Mosaic's lowering asks the local device for TPU facts (tiling, generation); on this CPU
+  host say it is a TPU v5 lite with one core. Only lowering is exercised, nothing runs."""
+  from jax._src.pallas.mosaic import tpu_info
+  monkeypatch.setattr(tpu_info, "get_device_kind", lambda: "TPU v5 lite")
+  monkeypatch.setattr(tpu_info, "get_num_device_cores", lambda: 1)
+
+
+@pytest.mark.parametrize("platform,marker", [("cuda", "custom_call @__gpu$xla.gpu.triton"),
+                                             ("tpu", "tpu_custom_call")])
+def test_kernel_lowers(platform, marker, monkeypatch):
+  """Cross-platform lowering from this CPU host (no GPU or TPU needed, nothing compiled or run):
+  the forward emits one custom call, the gradient two (d_lhs and tgmm; the forward is dead),
+  Triton for cuda (not Mosaic GPU), Mosaic for tpu. Tiles of 128, bfloat16."""
+  if platform == "tpu":
+    _patch_tpu_info(monkeypatch)
   lhs_MK = jnp.zeros((256, 128), jnp.bfloat16)
   rhs_GKN = jnp.zeros((4, 128, 256), jnp.bfloat16)
   sizes_G = jnp.array([64, 0, 100, 92], jnp.int32)
 
   def loss(lhs_MK, rhs_GKN):
-    out_MN = gmm_lib.grouped_matmul(lhs_MK, rhs_GKN, sizes_G, (64, 64, 64), interpret=False)
+    out_MN = gmm_lib.grouped_matmul(lhs_MK, rhs_GKN, sizes_G, interpret=False)
     return jnp.sum(out_MN.astype(jnp.float32))
 
-  for fn in (loss, jax.grad(loss, argnums=(0, 1))):
-    text = jax.jit(fn).trace(lhs_MK, rhs_GKN).lower(lowering_platforms=("cuda",)).as_text()
-    assert "custom_call @__gpu$xla.gpu.triton" in text
+  for fn, calls in ((loss, 1), (jax.grad(loss, argnums=(0, 1)), 2)):
+    text = jax.jit(fn).trace(lhs_MK, rhs_GKN).lower(lowering_platforms=(platform,)).as_text()
+    assert text.count(marker) == calls, (platform, calls)
     assert "mosaic_gpu" not in text

@@ -5,19 +5,39 @@ Grouped matmul (`model.moe.gmm`): "xla" jax.lax.ragged_dot, "pallas" the Pallas 
 research/kernels/grouped_matmul.py (interpret mode exactly when the backend is CPU), "reference"
 its pure-jnp loop over groups. All three have ragged_dot's semantics and signature
 (lhs [M, K], rhs [G, K, N], group_sizes [G]) -> [M, N].
+
+Attention (`model.attention_impl`): "xla" research/kernels/xla_attention.py (masked einsums,
+block-causal for sorted self-attention), "pallas" research/kernels/routed_attention.py (interpret
+mode exactly when the backend is CPU), "reference" its plain masked softmax, "auto" pallas on
+GPU/TPU and xla on CPU. All have the signature of `Attention` below.
 """
 
 import functools
 from collections.abc import Callable
+from typing import Protocol
 
 import jax
 
 from research.kernels import grouped_matmul as gmm_lib
+from research.kernels import routed_attention as attn_lib
+from research.kernels import xla_attention
 
 Array = jax.Array
 GroupedMatmul = Callable[[Array, Array, Array], Array]
 
 GMM_IMPLS = ("xla", "pallas", "reference")
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "reference")
+
+
+class Attention(Protocol):
+  """out_BTHD = attend(q_BTHD, k_BSKD, v_BSKD, q_idx_BT, q_seg_BT, kv_idx_BS, kv_seg_BS, *,
+  causal, cross_segments, sorted_self_attention=False); semantics of
+  research/kernels/routed_attention.py. `sorted_self_attention=True` promises kv are the queries'
+  own tokens with ascending indices (only the xla implementation uses it: block-causal)."""
+
+  def __call__(self, q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, q_idx_BT: Array,
+               q_seg_BT: Array, kv_idx_BS: Array, kv_seg_BS: Array, *, causal: bool,
+               cross_segments: bool, sorted_self_attention: bool = False) -> Array: ...
 
 
 def interpret(backend: str | None = None) -> bool:
@@ -36,3 +56,37 @@ def grouped_matmul_fn(impl: str, backend: str | None = None) -> GroupedMatmul:
     return gmm_lib.grouped_matmul_reference
   raise ValueError(f"unknown grouped matmul implementation {impl!r} (config.model.moe.gmm); "
                    f"expected one of {GMM_IMPLS}")
+
+
+def attention_impl(impl: str, backend: str | None = None) -> str:
+  """The concrete implementation `impl` names on `backend`: auto -> pallas on GPU/TPU, xla on
+  CPU; the others name themselves."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"unknown attention implementation {impl!r} (config.model.attention_impl); "
+                     f"expected one of {ATTENTION_IMPLS}")
+  if impl == "auto":
+    return "xla" if interpret(backend) else "pallas"
+  return impl
+
+
+def _pallas_attention(*args, causal: bool, cross_segments: bool,
+                      sorted_self_attention: bool = False, interpret: bool) -> Array:
+  del sorted_self_attention  # the kernel skips blocks from the data
+  return attn_lib.routed_attention(*args, causal=causal, cross_segments=cross_segments,
+                                   interpret=interpret)
+
+
+def _reference_attention(*args, causal: bool, cross_segments: bool,
+                         sorted_self_attention: bool = False) -> Array:
+  del sorted_self_attention
+  return attn_lib.routed_attention_reference(*args, causal=causal, cross_segments=cross_segments)
+
+
+def attention_fn(impl: str, backend: str | None = None) -> Attention:
+  """The attention `impl` (one of ATTENTION_IMPLS) for `backend` (default: JAX's default)."""
+  impl = attention_impl(impl, backend)
+  if impl == "xla":
+    return xla_attention.xla_attention
+  if impl == "pallas":
+    return functools.partial(_pallas_attention, interpret=interpret(backend))
+  return _reference_attention
