@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from research.kernels import routed_attention as ra
+from research.kernels import xla_attention as xa
 from research.model import layers
 from tests.model_util import tiny_config
 
@@ -40,8 +42,9 @@ def qkv(rng: np.random.Generator, b: int, t: int) -> tuple[jax.Array, ...]:
 
 
 def masked_reference(q, k, v, tok, cross):
-  return layers.dot_product_attention(
-      q, k, v, layers.attention_mask(tok, tok, causal=True, cross_segments=cross))
+  mask = ra.attention_mask(tok.indices, tok.segments, tok.indices, tok.segments, causal=True,
+                           cross_segments=cross)
+  return xa.masked_attention(q, k, v, mask)
 
 
 def assert_same_values_and_grads(fast, slow, args, rng, atol=1e-6):
@@ -63,8 +66,8 @@ def test_block_causal_equals_the_masked_path(t, block, cross):
   multiple of the block, packed documents and padding."""
   rng = np.random.default_rng(t * 100 + block)
   tok = tokens(random_segments(rng, 4, t))
-  fast = lambda q, k, v: layers.block_causal_attention(q, k, v, tok, cross_segments=cross,
-                                                       block=block)
+  fast = lambda q, k, v: xa.block_causal_attention(q, k, v, tok.indices, tok.segments,
+                                                   cross_segments=cross, block=block)
   slow = lambda q, k, v: masked_reference(q, k, v, tok, cross)
   assert_same_values_and_grads(fast, slow, qkv(rng, 4, t), rng)
 
@@ -78,8 +81,8 @@ def test_block_causal_on_a_gathered_subset_equals_the_masked_path():
   idx_BN = jnp.asarray(np.sort(np.stack([rng.choice(t, n, replace=False) for _ in range(b)]), 1))
   sub = full.take(idx_BN)
   sub = sub._replace(segments=jnp.where(jnp.asarray(rng.random((b, n)) < 0.25), 0, sub.segments))
-  fast = lambda q, k, v: layers.block_causal_attention(q, k, v, sub, cross_segments=False,
-                                                       block=4)
+  fast = lambda q, k, v: xa.block_causal_attention(q, k, v, sub.indices, sub.segments,
+                                                   cross_segments=False, block=4)
   slow = lambda q, k, v: masked_reference(q, k, v, sub, False)
   assert_same_values_and_grads(fast, slow, qkv(rng, b, n), rng)
 
@@ -148,10 +151,10 @@ def test_attention_module_equals_its_unfused_masked_reference(monkeypatch):
     out = masked_reference(q, k, v, tok, attn.cross_segments).reshape(b, t, -1)
     return layers.project(attn.o_proj, "o_proj", out, lora)
 
-  monkeypatch.setattr(layers, "causal_block", lambda t: 4)
+  monkeypatch.setattr(xa, "causal_block", lambda t: 4)
   assert_same_values_and_grads(lambda x, lora: attn(x, tok, lora), reference, (x, lora), rng,
                                atol=1e-5)
 
 
 def test_causal_block_is_an_eighth_of_the_row_and_at_least_32():
-  assert [layers.causal_block(t) for t in (16, 256, 2048, 2049)] == [32, 32, 256, 257]
+  assert [xa.causal_block(t) for t in (16, 256, 2048, 2049)] == [32, 32, 256, 257]

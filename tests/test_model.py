@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from research.kernels import routed_attention as ra
+from research.kernels import xla_attention as xa
 from research.model import layers
 from research.model.lm import LanguageModel
 from tests.model_util import tiny_config
@@ -35,14 +37,20 @@ def random_tokens(b, t, seed=0, segments=None):
   return layers.Tokens(positions=idx, segments=seg, indices=idx)
 
 
+def mask_of(q: layers.Tokens, kv: layers.Tokens) -> jax.Array:
+  """The causal, same-document, no-padding mask the model's attention uses."""
+  return ra.attention_mask(q.indices, q.segments, kv.indices, kv.segments, causal=True,
+                           cross_segments=False)
+
+
 def test_attention_matches_loop_reference_with_gqa_and_segments():
   rng = np.random.default_rng(0)
   b, t, h, kv, d = 2, 7, 4, 2, 8
   q, k, v = (rng.normal(size=s).astype(np.float32) for s in
              [(b, t, h, d), (b, t, kv, d), (b, t, kv, d)])
   tok = random_tokens(b, t, segments=[[1, 1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1]])
-  mask = layers.attention_mask(tok, tok, causal=True, cross_segments=False)
-  got = layers.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask)
+  mask = mask_of(tok, tok)
+  got = xa.masked_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask)
   want = naive_attention(q, k, v, np.asarray(mask))  # 0 for the padding query: it reads nothing
   np.testing.assert_allclose(got, want, atol=1e-5)
 
@@ -56,13 +64,10 @@ def test_attention_on_gathered_tokens_equals_full_attention_restricted():
   sel = jnp.array([[0, 2, 3, 7]])
   sub = tok.take(sel)
   take = lambda x: jnp.take_along_axis(x, sel[:, :, None, None], axis=1)
-  got = layers.dot_product_attention(take(q), take(k), take(v),
-                                     layers.attention_mask(sub, sub, causal=True,
-                                                           cross_segments=False))
+  got = xa.masked_attention(take(q), take(k), take(v), mask_of(sub, sub))
   in_subset = jnp.zeros((b, t), bool).at[0, sel[0]].set(True)
-  full_mask = layers.attention_mask(tok, tok, causal=True, cross_segments=False)
-  full_mask &= in_subset[:, None, :]
-  want = take(layers.dot_product_attention(q, k, v, full_mask))
+  full_mask = mask_of(tok, tok) & in_subset[:, None, :]
+  want = take(xa.masked_attention(q, k, v, full_mask))
   np.testing.assert_allclose(got, want, atol=1e-6)
 
 

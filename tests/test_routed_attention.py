@@ -1,7 +1,7 @@
 """Routed attention (docs/kernels.md): the Pallas kernel in interpret mode == its jnp reference ==
-the XLA path, in values and in the gradients w.r.t. q, k and v; the reference == the model's
-layers.attention_mask + dot_product_attention; the visit metadata; the dispatch rule; lowering
-for cuda (Triton) and tpu (Mosaic) from this CPU host.
+the XLA path, in values and in the gradients w.r.t. q, k and v; the reference == a plain masked
+einsum; a model trained with attention_impl=pallas == xla; the visit metadata; the dispatch rule;
+lowering for cuda (Triton) and tpu (Mosaic) from this CPU host.
 
 Shapes are tiny (interpret mode is slow): T = 13 queries, S = 21 keys, blocks of 8, so both axes
 are padded and several blocks are visited. Tolerances: float32 atol 2e-5 (Dh = 8); bfloat16
@@ -19,8 +19,7 @@ import pytest
 from research import config as config_lib
 from research.kernels import dispatch, xla_attention
 from research.kernels import routed_attention as ra
-from research.model import layers
-from tests.model_util import tiny_config
+from tests.model_util import fit, random_batch, tiny_config, train_setup
 
 B, T, S, H, KV, DH = 2, 13, 21, 4, 2, 8
 BLOCK = 8
@@ -126,14 +125,11 @@ def test_kernel_equals_reference(kind, causal, cross, dtype):
 @pytest.mark.parametrize("kind,causal", [("full_keys", True), ("self", True),
                                          ("masked_rows", False)])
 def test_reference_and_xla_equal_the_model_attention(kind, causal):
-  """routed_attention_reference and xla_attention == layers.attention_mask +
-  dot_product_attention (the model's path), float32."""
+  """routed_attention_reference and xla_attention (the model's XLA path) == the plain masked
+  einsum softmax over routed_attention's mask, float32."""
   q, k, v, q_idx, q_seg, kv_idx, kv_seg = case(kind, jnp.float32)
-  zeros = jnp.zeros_like
-  mask = layers.attention_mask(layers.Tokens(zeros(q_idx), q_seg, q_idx),
-                               layers.Tokens(zeros(kv_idx), kv_seg, kv_idx), causal=causal,
-                               cross_segments=False)
-  want = layers.dot_product_attention(q, k, v, mask)
+  mask = ra.attention_mask(q_idx, q_seg, kv_idx, kv_seg, causal=causal, cross_segments=False)
+  want = xla_attention.masked_attention(q, k, v, mask)
   for fn in (ra.routed_attention_reference, xla_attention.xla_attention):
     got = fn(q, k, v, q_idx, q_seg, kv_idx, kv_seg, causal=causal, cross_segments=False)
     np.testing.assert_allclose(got, want, atol=2e-6, err_msg=fn.__name__)
@@ -255,3 +251,18 @@ def test_kernel_lowers(platform, marker, monkeypatch):
     text = jax.jit(fn).trace(q, k, k).lower(lowering_platforms=(platform,)).as_text()
     assert text.count(marker) == calls, (platform, calls)
     assert "mosaic_gpu" not in text
+
+
+def test_a_model_trained_with_the_pallas_kernel_matches_xla():
+  """Three train steps of a tiny MoR model with KV sharing (self-attention, and subset queries
+  over recursion 1's keys) give the same losses with attention_impl=pallas (interpret mode) as
+  with xla."""
+  losses = {}
+  for impl in ("xla", "pallas"):
+    cfg = tiny_config(num_layers=5, attention_impl=impl)
+    cfg.model.recursion.update(strategy="middle_cycle", num_recursions=3)
+    cfg.model.mor.update(kind="expert", kv="share")
+    state, step = train_setup(cfg, 3)
+    _, _, losses[impl] = fit(state, step, random_batch(2), 3)
+  np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-5)
+  assert losses["xla"][-1] < losses["xla"][0]

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import ml_collections as mlc
 from flax import linen, nnx
 
+from research.kernels import dispatch
+
 Array = jax.Array
 
 
@@ -227,58 +229,14 @@ def apply_rope(x_BTND: Array, positions_BT: Array, theta: float) -> Array:
   return out.astype(x_BTND.dtype)
 
 
-def attention_mask(q: Tokens, kv: Tokens, *, causal: bool, cross_segments: bool) -> Array:
-  """mask[b, i, j]: query i may read key j (causal by row index, same document, no padding)."""
-  mask_BTS = (q.segments[:, :, None] != 0) & (kv.segments[:, None, :] != 0)
-  if causal:
-    mask_BTS &= kv.indices[:, None, :] <= q.indices[:, :, None]
-  if not cross_segments:
-    mask_BTS &= q.segments[:, :, None] == kv.segments[:, None, :]
-  return mask_BTS
-
-
-def dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_BTS: Array) -> Array:
-  """softmax(q k^T / sqrt(Dh) + mask) v with grouped kv heads; logits and softmax in float32.
-
-  A query that may read no key (padding) gets 0.
-  """
-  b, t, h, dh = q_BTHD.shape
-  kv_heads = k_BSKD.shape[2]
-  q_BTKGD = (q_BTHD * dh**-0.5).reshape(b, t, kv_heads, h // kv_heads, dh)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32)
-  logits = jnp.where(mask_BTS[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKD.dtype)
-  out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD)
-  out_BTKGD = jnp.where(jnp.any(mask_BTS, axis=-1)[:, :, None, None, None], out_BTKGD, 0)
-  return out_BTKGD.reshape(b, t, h, dh)
-
-
-def block_causal_attention(q_BTHD: Array, k_BTKD: Array, v_BTKD: Array, tok: Tokens, *,
-                           cross_segments: bool, block: int) -> Array:
-  """dot_product_attention(q, k, v, attention_mask(tok, tok, causal=True)) in query blocks.
-
-  Self-attention only, over tokens whose indices ascend strictly along each row (padding aside):
-  then every key after a query's position is masked, so query block [s, e) reads keys [0, e)
-  and the blocks above the diagonal are never computed (about half the work of the T x T path).
-  """
-  mask_BTS = attention_mask(tok, tok, causal=True, cross_segments=cross_segments)
-  t = q_BTHD.shape[1]
-  outs = [dot_product_attention(q_BTHD[:, s:s + block], k_BTKD[:, :s + block],
-                                v_BTKD[:, :s + block], mask_BTS[:, s:s + block, :s + block])
-          for s in range(0, t, block)]
-  return jnp.concatenate(outs, axis=1)
-
-
-def causal_block(t: int) -> int:
-  """Query block of block_causal_attention for rows of t tokens: t / 8, at least 32."""
-  return max(32, -(-t // 8))
-
-
 class Attention(nnx.Module):
   """Grouped-query attention with RoPE at explicit positions and a segment-aware causal mask.
 
   Self-attention over `tok`, whose indices ascend along each row (packed rows, and the sorted
-  token subsets of MoR), so it runs block-causal (block_causal_attention).
+  token subsets of MoR), or over stored keys and values (Site). Both go through the one kernel
+  dispatch (research/kernels/dispatch.py, `model.attention_impl`): XLA runs self-attention
+  block-causal and stored K/V masked; the Pallas routed-attention kernel skips masked blocks
+  from the data.
   """
 
   def __init__(self, cfg: mlc.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
@@ -286,6 +244,7 @@ class Attention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, dh
     self.rope_theta = cfg.rope_theta
     self.cross_segments = cfg.attend_across_segments
+    self.attention_impl = cfg.attention_impl
 
     def linear(din, dout, names):
       return nnx.Linear(din, dout, use_bias=False, kernel_init=normal_init(cfg.init_std, names),
@@ -326,12 +285,13 @@ class Attention(nnx.Module):
       if site.shared is not None:  # share_update: the fresh K/V over recursion 1's
         base = kv[site.shared]
         read = base.write(own) if read is None else base.overlay(read)
+    attend = dispatch.attention_fn(self.attention_impl)
     if read is None:
-      out_BTHD = block_causal_attention(q, k, v, tok, cross_segments=self.cross_segments,
-                                        block=causal_block(t))
+      out_BTHD = attend(q, k, v, tok.indices, tok.segments, tok.indices, tok.segments, causal=True,
+                        cross_segments=self.cross_segments, sorted_self_attention=True)
     else:
-      mask_BTS = attention_mask(tok, read.tok, causal=True, cross_segments=self.cross_segments)
-      out_BTHD = dot_product_attention(q, read.k, read.v, mask_BTS)
+      out_BTHD = attend(q, read.k, read.v, tok.indices, tok.segments, read.tok.indices,
+                        read.tok.segments, causal=True, cross_segments=self.cross_segments)
     return project(self.o_proj, "o_proj", out_BTHD.reshape(b, t, heads * dh), lora), kv
 
 
