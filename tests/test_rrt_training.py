@@ -59,8 +59,8 @@ def test_merged_lora_equals_per_depth_lora(strategy):
   _, merged = relaxed_model(strategy, merged=True)
   nnx.update(merged, nnx.state(plain, nnx.Param))
   x = tokens()
-  want, _ = plain(x)
-  got, _ = merged(x)
+  want, _, _ = plain(x)
+  got, _, _ = merged(x)
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
   assert float(jnp.max(jnp.abs(want - plain.logits(plain.embed(x))))) > 1e-2  # LoRAs matter
 
@@ -74,12 +74,12 @@ def test_loop_step_runs_each_row_at_its_own_loop():
   idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   tok = Tokens(positions=idx, segments=jnp.ones((B, T), jnp.int32), indices=idx)
   loop_B = jnp.asarray([0, 1, 0], jnp.int32)
-  got = core.loop_step(x_BTD, tok, loop_B)
+  got, _ = core.loop_step(x_BTD, tok, loop_B)
   for b in range(B):
     row = Tokens(*(a[b:b + 1] for a in tok))
-    want = core.loop_step(x_BTD[b:b + 1], row, loop_B[b:b + 1])
+    want, _ = core.loop_step(x_BTD[b:b + 1], row, loop_B[b:b + 1])
     np.testing.assert_allclose(got[b:b + 1], want, atol=1e-5, rtol=1e-5)
-  assert not np.allclose(got[1], core.loop_step(x_BTD, tok, jnp.zeros(B, jnp.int32))[1])
+  assert not np.allclose(got[1], core.loop_step(x_BTD, tok, jnp.zeros(B, jnp.int32))[0][1])
 
 
 @pytest.mark.parametrize("strategy", ["cycle", "middle_cycle"])
@@ -122,7 +122,7 @@ class FixedLogits(nnx.Module):
   def __call__(self, inputs, positions, segments, exits=False):
     del inputs, positions, segments
     logits = list(self.logits_EBTV[...])
-    return (logits if exits else logits[-1]), {}
+    return (logits if exits else logits[-1]), {}, None  # (logits, aux, cache) as LanguageModel
 
 
 def batch_and_logits(num_exits=2, vocab=11):
