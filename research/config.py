@@ -172,6 +172,11 @@ def validate_moe(cfg: mlc.ConfigDict) -> None:
            "recurrent router (one GRU step per layer, or per iteration?) is not implemented; "
            "use router='linear' or iterations=1")
   _one_of(cfg, "model.moe.balance_scope", ("batch", "sequence"))
+  _one_of(cfg, "model.moe.balance_form", ("switch", "mixtral"))
+  if c.balance_form == "mixtral":
+    _check(c.balance_scope == "batch", "model.moe.balance_form", c.balance_form,
+           "pools the tokens of all layers and rows (HF Mixtral): needs "
+           "config.model.moe.balance_scope='batch'")
   _one_of(cfg, "model.moe.coe_residual", ("outer", "inner", "inner_outer"))
   if c.coe_shared_router:
     _check(c.iterations > 1, "model.moe.coe_shared_router", True,

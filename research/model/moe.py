@@ -205,7 +205,7 @@ class MoE(nnx.Module):
     self.capacity_factor, self.impl = c.capacity_factor, c.impl
     self.gmm = c.gmm
     self.balance_coeff, self.z_coeff = c.balance_coeff, c.z_coeff
-    self.balance_scope = c.balance_scope
+    self.balance_scope, self.balance_form = c.balance_scope, c.balance_form
     self.inner_residual = c.coe_residual in ("inner", "inner_outer")
     self.outer_residual = c.coe_residual in ("outer", "inner_outer")  # read by Block
 
@@ -292,10 +292,14 @@ class MoE(nnx.Module):
     load_E = routing.load(r.experts, valid_BT, num_experts)
     assigned_BTK = jnp.broadcast_to(valid_BT[..., None], r.keep.shape)
     dropped = jnp.sum(assigned_BTK & ~r.keep) / jnp.maximum(jnp.sum(assigned_BTK), 1)
-    return {"loss/moe_balance": self.balance_coeff * balance, "loss/moe_z": self.z_coeff * z,
-            "moe/balance": balance, "moe/z": z, "moe/load": load_E,
-            "moe/max_violation": routing.max_violation(load_E), "moe/dropped": dropped,
-            "moe/layers": jnp.ones((), jnp.float32)}
+    out = {"loss/moe_balance": self.balance_coeff * balance, "loss/moe_z": self.z_coeff * z,
+           "moe/balance": balance, "moe/z": z, "moe/load": load_E,
+           "moe/max_violation": routing.max_violation(load_E), "moe/dropped": dropped,
+           "moe/layers": jnp.ones((), jnp.float32)}
+    if self.balance_form == "mixtral":  # pooled over layers by aux.mean_over_layers
+      del out["loss/moe_balance"]
+      out.update(aux_lib.pool_statistics(probs_BTE, r.experts, valid_BT, self.balance_coeff))
+    return out
 
 
 class RoutedFFNs:
