@@ -61,7 +61,7 @@ from flax import nnx
 from research import routing
 from research.kernels import dispatch
 from research.model import aux as aux_lib
-from research.model import routers
+from research.model import expert_parallel, routers
 from research.model.layers import NO_CARRY, Carry, SwiGLU, normal_init
 
 Array = jax.Array
@@ -233,6 +233,14 @@ class MoE(nnx.Module):
     """sum_i w_i E_{e_i}(x) through the configured implementation."""
     own = self if self.pool is None else self.pool
     weights = (own.gate_proj[...], own.up_proj[...], own.down_proj[...])
+    if expert_parallel.axis_size() > 1:  # experts sharded over the mesh axis `expert`
+      if self.impl != "ragged":
+        raise ValueError(f"expert parallelism runs the ragged path, not impl={self.impl!r}")
+      cap = (routing.expert_capacity(x_BTD.shape[1], self.top_k, self.router_out,
+                                     self.capacity_factor) if self.capacity_factor > 0 else None)
+      return expert_parallel.routed_experts(
+          x_BTD, *(w.astype(self.dtype) for w in weights), r.weights, r.experts, r.keep,
+          gmm=self.gmm, capacity=cap)
     kernel = {"gmm": self.gmm} if self.impl == "ragged" else {}
     return IMPLS[self.impl](x_BTD, *(w.astype(self.dtype) for w in weights), r, **kernel)
 
