@@ -35,7 +35,19 @@ def mor_run(path: str) -> str:
   return os.path.join(path, "run")
 
 
-RUNS = {"mor_routing.ipynb": mor_run}  # notebook -> the workdir it needs (default: fake_workdir)
+def moe_run(path: str) -> str:
+  """A 4-step Chain-of-Experts + ReXMoE run (C = 2, groups of 2 layers, PSR growing from step 1
+  to 3): every section of the MoE notebook applies (its RMoE statistics hold for any router)."""
+  launcher = launch_util.Launcher(os.path.join(path, "shared"), config="configs/moe.py:tiny,coe")
+  result = launcher.run(os.path.join(path, "run"), {
+      "train.steps": 4, "model.moe.d_ff": 16, "model.moe.rex_group": 2, "model.moe.psr": True,
+      "model.moe.psr_start": 1, "model.moe.psr_end": 3})
+  assert result.returncode == 0, result.stderr
+  return os.path.join(path, "run")
+
+
+# notebook -> the workdir it needs (default: fake_workdir)
+RUNS = {"mor_routing.ipynb": mor_run, "moe_routing.ipynb": moe_run}
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb"))))
