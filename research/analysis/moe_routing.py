@@ -168,7 +168,8 @@ def gate_entropy(app: Application, iteration: int = 0) -> float:
 
 def mutual_information(a_NK: np.ndarray, b_NK: np.ndarray, num_a: int, num_b: int) -> float:
   """I(X; Y) in nats of two layers' expert choices over the same N tokens: (X, Y) uniform over
-  each token's k_a x k_b choice pairs, I = sum p(x, y) ln(p(x, y) / (p(x) p(y)))."""
+  each token's k_a x k_b choice pairs, I = sum p(x, y) ln(p(x, y) / (p(x) p(y))). A plug-in
+  estimate: biased upward when N is small against the number of expert pairs."""
   joint = np.zeros((num_a, num_b))
   for i in range(a_NK.shape[1]):
     for j in range(b_NK.shape[1]):
