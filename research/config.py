@@ -315,9 +315,9 @@ def validate_against_devices(cfg: mlc.ConfigDict, mesh_shape: tuple[int, int, in
 
 
 def validate_expert_parallel(cfg: mlc.ConfigDict, expert: int, tensor: int) -> None:
-  """config.mesh.expert > 1 (docs/moe.md "Expert parallelism"): the experts of every MoE layer
-  (a ReXMoE group's pool of r E) split evenly over the axis; what is not sharded yet is refused
-  by name rather than replicated."""
+  """config.mesh.expert > 1 (docs/moe.md "Sharding and expert parallelism"): the experts of every
+  MoE layer (a ReXMoE group's pool of r E) split evenly over the axis; what is not sharded yet is
+  refused by name rather than replicated."""
   m, c = cfg.model, cfg.model.moe
   key = f"config.mesh.expert={expert}"
 
