@@ -70,6 +70,15 @@ def test_loss_and_gradients_equal_one_device(runs, case, mesh):
     assert 0 < runs[case]["one"]["dropped"] < 1
 
 
+@pytest.mark.parametrize("case", ["skewed", "skewed_capacity"])
+def test_every_token_on_one_device(runs, case):
+  """The worst case of the padded buffers: every assignment goes to device 0's experts."""
+  for mesh in MESHES:
+    assert runs[case][mesh] < TOL, (case, mesh, runs[case][mesh])
+  if case == "skewed_capacity":
+    assert runs[case]["dropped"] > 0.5  # capacity 2 of 64 tokens per row-expert
+
+
 def test_buffer_rows():
   assert expert_parallel.buffer_rows(16, 2, 2, 2, None) == 32  # dropless: every assignment
   assert expert_parallel.buffer_rows(16, 2, 2, 2, 3) == 12  # 2 rows x C=3 x 2 local experts
@@ -184,10 +193,53 @@ def loss_and_grads(moe_keys: dict, mesh_shape: tuple | None) -> dict:
           "expert_weights": experts}, grads
 
 
+def skewed_routing(capacity: int | None) -> dict:
+  """expert_parallel.routed_experts against moe.ragged_experts (one device) when every token
+  picks experts 0 and 1, all on the first device: its buffer is full (dropless: S = N k) or
+  exactly at the capacity bound. Max differences of the loss and of the gradients w.r.t. x, the
+  gates and the three weights, each relative to its largest entry (or absolute below 1), per
+  mesh."""
+  import jax
+  import jax.numpy as jnp
+
+  from research import routing
+  from research.model import moe
+  from research.train import mesh as mesh_lib
+
+  b, t, d, f, e, k = 8, 8, 16, 8, 8, 2
+  keys = jax.random.split(jax.random.key(3), 5)
+  x = jax.random.normal(keys[0], (b, t, d))
+  ws = [0.3 * jax.random.normal(keys[i], s) for i, s in
+        zip((1, 2, 3), ((e, d, f), (e, d, f), (e, f, d)), strict=True)]
+  experts = jnp.broadcast_to(jnp.array([0, 1], jnp.int32), (b, t, k))
+  valid = jnp.ones((b, t), bool)
+  keep = (jnp.ones((b, t, k), bool) if capacity is None
+          else routing.within_capacity(experts, valid, e, capacity))
+  gates = jnp.where(keep, jax.nn.softmax(jax.random.normal(keys[4], (b, t, k))), 0.0)
+  probe = jnp.cos(jnp.arange(b * t * d, dtype=jnp.float32)).reshape(b, t, d)
+
+  def loss(fn):
+    return lambda x, g, *ws: jnp.sum(fn(x, g, *ws) * probe)
+
+  one = lambda x, g, *ws: moe.ragged_experts(x, *ws, moe.Routing(None, g, experts, keep))
+  ep = lambda x, g, *ws: expert_parallel.routed_experts(x, *ws, g, experts, keep,
+                                                        capacity=capacity)
+  args = (x, gates, *ws)
+  ref = jax.jit(jax.value_and_grad(loss(one), argnums=range(5)))(*args)
+  out = {"dropped": float(1 - jnp.mean(keep))}
+  for name, shape in MESHES.items():
+    mesh = jax.make_mesh(shape, mesh_lib.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    with jax.set_mesh(mesh):
+      got = jax.jit(jax.value_and_grad(loss(ep), argnums=range(5)))(*args)
+    out[name] = max(float(jnp.max(jnp.abs(a - c)) / jnp.maximum(jnp.max(jnp.abs(a)), 1.0))
+                    for a, c in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True))
+  return out
+
+
 def worker(job: dict) -> dict:
   import jax
 
-  out = {}
+  out = {"skewed": skewed_routing(None), "skewed_capacity": skewed_routing(2)}
   for case, keys in job["cases"].items():
     one, ref = loss_and_grads(keys, None)
     out[case] = {"one": one}
