@@ -31,9 +31,10 @@ CASES = {  # name: model.moe keys (tiny_config: d 32, 2 layers, both MoE)
     "rmoe": dict(MOE, router="gru", gru_dim=8),
     "rexmoe": dict(MOE, num_experts=4, rex_group=2),  # a pool of 8 over 2 layers, no PSR
 }
-MESHES = {"data2_expert4": (2, 1, 4, 1), "expert8": (1, 1, 8, 1)}  # (data, fsdp, expert, tensor)
-PAIRS = [(c, m) for c in CASES for m in MESHES  # capacity on one mesh (compile time)
-         if c != "moe_capacity" or m == "data2_expert4"]
+MESHES = {"data2_expert4": (2, 1, 4, 1), "expert8": (1, 1, 8, 1),  # (data, fsdp, expert, tensor)
+          "fsdp2_expert4": (1, 2, 4, 1)}  # the experts' d_model sharded over fsdp too
+PAIRS = [(c, m) for c in CASES for m in MESHES  # fewer pairs for the extra cases (compile time)
+         if (c != "moe_capacity" or m == "data2_expert4") and (c == "moe" or m != "fsdp2_expert4")]
 # float32; the sharded weight gradients sum the tokens in another order. Observed: losses within
 # 9.6e-7 (rel 2.4e-7) and gradients within 3.8e-8 of the one-device run.
 TOL = 1e-5
@@ -63,7 +64,10 @@ def test_loss_and_gradients_equal_one_device(runs, case, mesh):
   assert got["grad_max_abs"] > 1e-4  # the gradients compared are not all zero
   n = MESHES[mesh][2]
   for path, (shape, shard) in got["expert_weights"].items():
-    assert shard == [shape[0] // n, *shape[1:]], path  # the expert axis is split n ways
+    fsdp = MESHES[mesh][1]  # d_model is the middle axis of gate/up [E, D, F], the last of down
+    want = [shape[0] // n, *shape[1:]]
+    want[1 if "down_proj" not in path else 2] //= fsdp
+    assert shard == want, path  # the expert axis is split n ways (and d_model fsdp ways)
   if case == "rexmoe":
     assert any("pool" in p for p in got["expert_weights"])
   if case == "moe_capacity":
