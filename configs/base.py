@@ -92,6 +92,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.moe.capacity_factor = 0.0  # 0: dropless; f > 0: ceil(T k / E) f slots/expert/row, drop
   c.model.moe.balance_coeff = 0.01  # Switch load-balancing loss E sum_e f_e P_e (1 when balanced)
   c.model.moe.balance_scope = "batch"  # batch (Switch) | sequence (per-row mean: DeepSeek seq_aux)
+  c.model.moe.balance_form = "switch"  # switch (per layer, mean) | mixtral (all layers pooled, HF)
   c.model.moe.z_coeff = 0.0  # router z-loss mean(logsumexp(logits)^2) weight (ST-MoE: 1e-3)
   c.model.moe.first_dense = 0  # the first layers keep the dense FFN (DeepSeek first_k_dense)
   c.model.moe.every = 1  # routed FFN where (layer + 1) % every == 0 (1: every layer)
@@ -180,6 +181,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.mesh.data = -1  # data-parallel axis size (-1: whatever devices are left)
   c.mesh.fsdp = 1  # parameter/optimizer-state sharding axis
   c.mesh.tensor = 1  # tensor-parallel axis (heads, d_ff, vocab)
+  c.mesh.expert = 1  # expert-parallel axis: MoE experts sharded, tokens all-to-all (docs/moe.md)
 
   c.distributed = mlc.ConfigDict()
   c.distributed.enabled = "auto"  # auto (SLURM / TPU pod / coordinator flag) | yes | no

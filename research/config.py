@@ -172,6 +172,11 @@ def validate_moe(cfg: mlc.ConfigDict) -> None:
            "recurrent router (one GRU step per layer, or per iteration?) is not implemented; "
            "use router='linear' or iterations=1")
   _one_of(cfg, "model.moe.balance_scope", ("batch", "sequence"))
+  _one_of(cfg, "model.moe.balance_form", ("switch", "mixtral"))
+  if c.balance_form == "mixtral":
+    _check(c.balance_scope == "batch", "model.moe.balance_form", c.balance_form,
+           "pools the tokens of all layers and rows (HF Mixtral): needs "
+           "config.model.moe.balance_scope='batch'")
   _one_of(cfg, "model.moe.coe_residual", ("outer", "inner", "inner_outer"))
   if c.coe_shared_router:
     _check(c.iterations > 1, "model.moe.coe_shared_router", True,
@@ -283,14 +288,17 @@ def validate(cfg: mlc.ConfigDict) -> None:
   _one_of(cfg, "distributed.enabled", ("auto", "yes", "no"))
 
 
-def validate_against_devices(cfg: mlc.ConfigDict, mesh_shape: tuple[int, int, int],
+def validate_against_devices(cfg: mlc.ConfigDict, mesh_shape: tuple[int, int, int, int],
                              process_count: int) -> None:
-  """Checks that need the mesh: batch and width divisibility by the parallel axes."""
-  data, fsdp, tensor = mesh_shape
+  """Checks that need the mesh (data, fsdp, expert, tensor): batch and width divisibility by
+  the parallel axes, and what expert parallelism supports."""
+  data, fsdp, expert, tensor = mesh_shape
   micro = cfg.train.batch_size // cfg.train.grad_accum
-  _check(micro % (data * fsdp) == 0, "train.batch_size", cfg.train.batch_size,
+  _check(micro % (data * fsdp * expert) == 0, "train.batch_size", cfg.train.batch_size,
          f"the micro-batch ({micro} = batch_size / grad_accum) must divide by the "
-         f"data*fsdp mesh size {data * fsdp}")
+         f"data*fsdp*expert mesh size {data * fsdp * expert}")
+  if expert > 1:
+    validate_expert_parallel(cfg, expert, tensor)
   _check(micro % process_count == 0, "train.batch_size", cfg.train.batch_size,
          f"the micro-batch ({micro}) must divide by the {process_count} processes")
   m = cfg.model
@@ -302,6 +310,37 @@ def validate_against_devices(cfg: mlc.ConfigDict, mesh_shape: tuple[int, int, in
            f"the expert width must divide by config.mesh.tensor={tensor}")
   _check(m.d_model % fsdp == 0, "model.d_model", m.d_model,
          f"must divide by config.mesh.fsdp={fsdp}")
+
+
+def validate_expert_parallel(cfg: mlc.ConfigDict, expert: int, tensor: int) -> None:
+  """config.mesh.expert > 1 (docs/moe.md "Sharding and expert parallelism"): the experts of every
+  MoE layer (a ReXMoE group's pool of r E) split evenly over the axis; what is not sharded yet is
+  refused by name rather than replicated."""
+  m, c = cfg.model, cfg.model.moe
+  key = f"config.mesh.expert={expert}"
+
+  def refuse(why: str) -> None:
+    raise ConfigError(f"{key}: {why}")
+
+  if c.num_experts == 0:
+    refuse("expert parallelism needs MoE layers (config.model.moe.num_experts > 0); for data "
+           "parallelism use config.mesh.data")
+  rows = moe.num_candidates(m)
+  if rows % expert:
+    what = (f"the r E = {rows} experts of a ReXMoE group's pool (config.model.moe.num_experts="
+            f"{c.num_experts} x rex_group={c.rex_group})" if c.rex_group > 1 else
+            f"config.model.moe.num_experts={c.num_experts}")
+    refuse(f"must divide {what}")
+  if c.impl != "ragged":
+    refuse(f"runs the ragged path; config.model.moe.impl={c.impl!r} is not expert-parallel")
+  if c.gmm == "pallas":
+    refuse("config.model.moe.gmm='pallas' under shard_map is not tested; use 'xla'")
+  if tensor > 1:
+    refuse(f"with config.mesh.tensor={tensor}: tensor parallelism inside the experts is not "
+           "implemented (the expert width would be gathered, i.e. replicated)")
+  if cfg.mode == "generate":
+    refuse("decoding (config.mode='generate') does not shard experts yet; use "
+           "config.mesh.expert=1")
 
 
 def with_derived(cfg: mlc.ConfigDict, tokenizer_vocab: int) -> mlc.ConfigDict:

@@ -300,8 +300,9 @@ def _vocab_size(cfg: mlc.ConfigDict, workdir: str) -> int:
 
 def param_counts(model_cfg: mlc.ConfigDict) -> tuple[int, int]:
   """(non-embedding, all) unique parameters, from the abstract model (nothing allocated)."""
-  mesh = jax.make_mesh((1, 1, 1), mesh_lib.MESH_AXES, devices=jax.devices()[:1],
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  axes = mesh_lib.MESH_AXES
+  mesh = jax.make_mesh((1,) * len(axes), axes, devices=jax.devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
   with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_RULES):
     model = nnx.eval_shape(lambda: LanguageModel(model_cfg, rngs=nnx.Rngs(0)))
 

@@ -18,7 +18,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 @pytest.fixture
 def mesh():
   """One CPU device as a (1, 1, 1) mesh, with logical axis rules active."""
-  m = jax.make_mesh((1, 1, 1), mesh_lib.MESH_AXES,
-                    axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  m = jax.make_mesh((1,) * len(mesh_lib.MESH_AXES), mesh_lib.MESH_AXES,
+                    axis_types=(jax.sharding.AxisType.Auto,) * len(mesh_lib.MESH_AXES))
   with jax.set_mesh(m), nnx.logical_axis_rules(mesh_lib.LOGICAL_RULES):
     yield m

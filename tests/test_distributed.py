@@ -48,12 +48,13 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch_two_processes(workdir: Path, overrides: dict) -> list[str]:
+def launch_two_processes(workdir: Path, overrides: dict, config: str = "configs/vanilla.py:tiny"
+                         ) -> list[str]:
   """Runs launch.py as processes 0 and 1 of one jax.distributed job; returns their stdouts."""
   port = free_port()
   flags = [f"--config.{k}={v}" for k, v in overrides.items()]
   procs = [subprocess.Popen(
-      [sys.executable, "launch.py", "--config=configs/vanilla.py:tiny", f"--workdir={workdir}",
+      [sys.executable, "launch.py", f"--config={config}", f"--workdir={workdir}",
        *flags, "--config.distributed.enabled=yes",
        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
        f"--config.distributed.num_processes={PROCESSES}", f"--config.distributed.process_id={i}"],
@@ -116,6 +117,37 @@ def test_one_checkpoint_per_step_with_every_process_data_state(runs):
     data = sorted(p.name for p in (ckpt / str(step) / "data").glob("process_*.json"))
     assert data == [f"process_{i}-of-{PROCESSES}.json" for i in range(PROCESSES)]
     assert (ckpt / str(step) / "state" / "_METADATA").is_file()
+
+
+# --- expert parallelism across the processes ---------------------------------------------------
+
+
+EP_STEPS = 3
+EP_MESH = {"mesh.data": 1, "mesh.fsdp": 1, "mesh.expert": 4, "mesh.tensor": 1}
+EP_MOE = {"model.moe.d_ff": 16, "train.steps": EP_STEPS, "checkpoint.every": 0}
+
+
+def test_expert_axis_across_processes_matches_one_process(tmp_path):
+  """configs/moe.py:tiny (8 experts, top-2) with mesh.expert=4 over 2 processes x 2 devices:
+  each process owns 4 experts, the all-to-alls cross the processes; the losses equal one process
+  on one device with the same global batches."""
+  overrides = dict(TINY, **EP_MOE, **{"data.cache_dir": str(tmp_path / "cache")})
+  job = {"overrides": overrides, "workdir": str(tmp_path / "reference"), "steps": EP_STEPS,
+         "eval_at": [EP_STEPS], "config": "moe"}
+  proc = subprocess.run([sys.executable, __file__, json.dumps(job)], cwd=REPO, env=env(1),
+                        capture_output=True, text=True, timeout=TIMEOUT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  reference = json.loads(proc.stdout.strip().splitlines()[-1])
+  workdir = tmp_path / "run"
+  launch_two_processes(workdir, dict(overrides, **EP_MESH), config="configs/moe.py:tiny")
+  with open(workdir / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  train = [r for r in records if r["kind"] == "train"]
+  assert [r["step"] for r in train] == list(range(1, EP_STEPS + 1))
+  assert all("moe/load" in r for r in train)
+  np.testing.assert_allclose([r["loss"] for r in train], reference["losses"], **TOL)
+  valid = [r["nll"] for r in records if r["kind"] == "valid"]
+  np.testing.assert_allclose(valid, reference["valid_nll"], **TOL)
 
 
 # --- start-up (in-process, nothing is initialised) ----------------------------------------------
@@ -181,11 +213,12 @@ def stacked_iterator(loop, run, docs, *, train: bool):
 
 def reference(job: dict) -> dict:
   """One process, one device: losses and validation NLL of the stacked global batches."""
-  from configs import vanilla
+  import importlib
+
   from research.train import checkpoint, loop
   from research.train import mesh as mesh_lib
 
-  cfg = vanilla.get_config("tiny")
+  cfg = importlib.import_module(f"configs.{job.get('config', 'vanilla')}").get_config("tiny")
   cfg.update_from_flattened_dict(job["overrides"])
   run = loop.setup(cfg, job["workdir"])
   mngr = checkpoint.make_manager(os.path.join(job["workdir"], "checkpoints"), keep=1,

@@ -31,6 +31,22 @@ def mor_workdir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def moe_workdir(tmp_path_factory) -> str:
+  """A 4-step Chain-of-Experts + ReXMoE run (C = 2, groups of 2 layers, PSR growing from step 1
+  to 3): every section of the MoE notebook applies (its RMoE statistics hold for any router)."""
+  path = tmp_path_factory.mktemp("moe_notebook_run")
+  launcher = launch_util.Launcher(path / "shared", config="configs/moe.py:tiny,coe")
+  result = launcher.run(path / "run", {
+      "train.steps": 4, "model.moe.d_ff": 16, "model.moe.rex_group": 2, "model.moe.psr": True,
+      "model.moe.psr_start": 1, "model.moe.psr_end": 3})
+  assert result.returncode == 0, result.stderr
+  return str(path / "run")
+
+
+DEFAULT_WORKDIR = {"moe_routing.ipynb": "runs/moe_tiny"}  # else the README's first run
+
+
+@pytest.fixture(scope="module")
 def venv_python(tmp_path_factory) -> str:
   """The python of a venv that sees this interpreter's packages plus `pip install -e .` of the
   repository (the only way `research` reaches a kernel started in notebooks/)."""
@@ -45,10 +61,12 @@ def venv_python(tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_with_nbconvert_from_the_repository_root(name, mor_workdir, venv_python,
+def test_notebook_runs_with_nbconvert_from_the_repository_root(name, request, venv_python,
                                                               tmp_path):
+  workdir = request.getfixturevalue("moe_workdir" if name == "moe_routing.ipynb" else
+                                    "mor_workdir")
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
-  env.update(WORKDIR=os.path.relpath(mor_workdir, ROOT), MPLBACKEND="Agg", JAX_PLATFORMS="cpu")
+  env.update(WORKDIR=os.path.relpath(workdir, ROOT), MPLBACKEND="Agg", JAX_PLATFORMS="cpu")
   # `jupyter nbconvert` run by the venv's python, so that the kernel is the venv's python too
   r = subprocess.run([venv_python, "-m", "nbconvert", "--to", "notebook", "--execute",
                       f"notebooks/{name}", "--output-dir", str(tmp_path),
@@ -59,13 +77,14 @@ def test_notebook_runs_with_nbconvert_from_the_repository_root(name, mor_workdir
   first = next(c for c in cells if c.cell_type == "code")
   printed = "".join(o.get("text", "") for o in first.outputs)
   # the relative WORKDIR was taken from the repository root, not from notebooks/
-  assert printed.startswith(os.path.join(ROOT, os.path.relpath(mor_workdir, ROOT))), printed
+  assert printed.startswith(os.path.join(ROOT, os.path.relpath(workdir, ROOT))), printed
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebooks_default_to_the_readmes_first_run(name):
+  default = DEFAULT_WORKDIR.get(name, "runs/mor_tiny")
   with open(os.path.join(ROOT, "README.md")) as f:
-    assert "--workdir=runs/mor_tiny\n" in f.read()
+    assert f"--workdir={default}\n" in f.read()
   with open(os.path.join(ROOT, "notebooks", name)) as f:
     source = "".join("".join(c["source"]) for c in json.load(f)["cells"])
-  assert 'os.environ.get("WORKDIR", "runs/mor_tiny")' in source
+  assert f'os.environ.get("WORKDIR", "{default}")' in source

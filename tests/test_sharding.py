@@ -55,12 +55,12 @@ def mesh_cfg(data: int, fsdp: int, tensor: int) -> mlc.ConfigDict:
 
 
 @pytest.mark.parametrize("sizes, devices, expected", [
-    ((-1, 1, 1), 1, (1, 1, 1)),
-    ((-1, 1, 1), 8, (8, 1, 1)),
-    ((-1, 2, 2), 8, (2, 2, 2)),
-    ((2, -1, 2), 8, (2, 2, 2)),
-    ((1, 4, -1), 8, (1, 4, 2)),
-    ((2, 2, 2), 8, (2, 2, 2)),
+    ((-1, 1, 1), 1, (1, 1, 1, 1)),  # (data, fsdp, expert, tensor); config.mesh.expert absent: 1
+    ((-1, 1, 1), 8, (8, 1, 1, 1)),
+    ((-1, 2, 2), 8, (2, 2, 1, 2)),
+    ((2, -1, 2), 8, (2, 2, 1, 2)),
+    ((1, 4, -1), 8, (1, 4, 1, 2)),
+    ((2, 2, 2), 8, (2, 2, 1, 2)),
 ])
 def test_mesh_shape_fills_the_free_axis(sizes, devices, expected):
   assert mesh_lib.mesh_shape(mesh_cfg(*sizes), devices) == expected
@@ -70,8 +70,10 @@ def test_mesh_shape_fills_the_free_axis(sizes, devices, expected):
     ((-1, -1, 1), 8, r"at most one axis may be -1, got data, fsdp"),
     ((0, 1, 1), 8, r"config\.mesh\.data=0: must be a positive size or -1"),
     ((1, -2, 1), 8, r"config\.mesh\.fsdp=-2"),
-    ((-1, 3, 1), 8, r"config\.mesh \(data=-1 x fsdp=3 x tensor=1\): the fixed axes multiply to 3"),
-    ((3, 1, 1), 8, r"config\.mesh \(data=3 x fsdp=1 x tensor=1\): 3 devices, but 8 are available"),
+    ((-1, 3, 1), 8, r"config\.mesh \(data=-1 x fsdp=3 x expert=1 x tensor=1\): the fixed axes "
+                    r"multiply to 3"),
+    ((3, 1, 1), 8, r"config\.mesh \(data=3 x fsdp=1 x expert=1 x tensor=1\): 3 devices, but 8 are "
+                      r"available"),
     ((2, 2, 2), 4, r"8 devices, but 4 are available"),
 ])
 def test_mesh_shape_errors_name_the_key(sizes, devices, match):
@@ -96,7 +98,8 @@ def runs(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("name", MESHES)
 def test_sharded_losses_match_one_device(runs, name):
-  assert runs[name]["mesh"] == dict(zip(mesh_lib.MESH_AXES, MESHES[name], strict=True))
+  data, fsdp, tensor = MESHES[name]
+  assert runs[name]["mesh"] == dict(data=data, fsdp=fsdp, expert=1, tensor=tensor)
   np.testing.assert_allclose(runs[name]["losses"], runs["one"]["losses"], **LOSS_TOL)
   np.testing.assert_allclose(runs[name]["valid_nll"], runs["one"]["valid_nll"], **LOSS_TOL)
 
@@ -126,7 +129,7 @@ def test_state_is_sharded_by_the_logical_rules(runs, name):
     got = placement[path + ".value"]
     assert (got["spec"], got["shape"], got["shard"]) == (spec, shape, shard), path
     assert got["devices"] == data * fsdp * tensor, path
-  assert runs[name]["batch_spec"] == [["data", "fsdp"], None]
+  assert runs[name]["batch_spec"] == [["data", "fsdp", "expert"], None]
 
 
 def test_invalid_mesh_fails_before_compiling(tmp_path):
@@ -135,8 +138,8 @@ def test_invalid_mesh_fails_before_compiling(tmp_path):
                  "--config.mesh.data=3", *overrides], devices=8, timeout=120)
   assert proc.returncode != 0
   last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: config.mesh (data=3 x fsdp=1 x tensor=1): 3 devices, but 8 are "
-                         "available"), proc.stderr[-2000:]
+  assert last.startswith("error: config.mesh (data=3 x fsdp=1 x expert=1 x tensor=1): 3 devices, "
+                         "but 8 are available"), proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "run").exists()  # failed in setup, before the corpus or any step
 

@@ -61,7 +61,7 @@ from flax import nnx
 from research import routing
 from research.kernels import dispatch
 from research.model import aux as aux_lib
-from research.model import routed, routers
+from research.model import expert_parallel, routed, routers
 from research.model.layers import NO_CARRY, Carry, SwiGLU, normal_init
 
 Array = jax.Array
@@ -211,7 +211,7 @@ class MoE(nnx.Module):
     self.capacity_factor, self.impl = c.capacity_factor, c.impl
     self.gmm = c.gmm
     self.balance_coeff, self.z_coeff = c.balance_coeff, c.z_coeff
-    self.balance_scope = c.balance_scope
+    self.balance_scope, self.balance_form = c.balance_scope, c.balance_form
     self.inner_residual = c.coe_residual in ("inner", "inner_outer")
     self.outer_residual = c.coe_residual in ("outer", "inner_outer")  # read by Block
 
@@ -239,6 +239,14 @@ class MoE(nnx.Module):
     """sum_i w_i E_{e_i}(x) through the configured implementation."""
     own = self if self.pool is None else self.pool
     weights = (own.gate_proj[...], own.up_proj[...], own.down_proj[...])
+    if expert_parallel.axis_size() > 1:  # experts sharded over the mesh axis `expert`
+      if self.impl != "ragged":
+        raise ValueError(f"expert parallelism runs the ragged path, not impl={self.impl!r}")
+      cap = (routing.expert_capacity(x_BTD.shape[1], self.top_k, self.router_out,
+                                     self.capacity_factor) if self.capacity_factor > 0 else None)
+      return expert_parallel.routed_experts(
+          x_BTD, *(w.astype(self.dtype) for w in weights), r.weights, r.experts, r.keep,
+          gmm=self.gmm, capacity=cap)
     kernel = {"gmm": self.gmm} if self.impl == "ragged" else {}
     return IMPLS[self.impl](x_BTD, *(w.astype(self.dtype) for w in weights), r, **kernel)
 
@@ -298,10 +306,14 @@ class MoE(nnx.Module):
     load_E = routing.load(r.experts, valid_BT, num_experts)
     assigned_BTK = jnp.broadcast_to(valid_BT[..., None], r.keep.shape)
     dropped = jnp.sum(assigned_BTK & ~r.keep) / jnp.maximum(jnp.sum(assigned_BTK), 1)
-    return {"loss/moe_balance": self.balance_coeff * balance, "loss/moe_z": self.z_coeff * z,
-            "moe/balance": balance, "moe/z": z, "moe/load": load_E,
-            "moe/max_violation": routing.max_violation(load_E), "moe/dropped": dropped,
-            "moe/layers": jnp.ones((), jnp.float32)}
+    out = {"loss/moe_balance": self.balance_coeff * balance, "loss/moe_z": self.z_coeff * z,
+           "moe/balance": balance, "moe/z": z, "moe/load": load_E,
+           "moe/max_violation": routing.max_violation(load_E), "moe/dropped": dropped,
+           "moe/layers": jnp.ones((), jnp.float32)}
+    if self.balance_form == "mixtral":  # pooled over layers by aux.mean_over_layers
+      del out["loss/moe_balance"]
+      out.update(aux_lib.pool_statistics(probs_BTE, r.experts, valid_BT, self.balance_coeff))
+    return out
 
 
 class RoutedFFNs:

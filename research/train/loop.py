@@ -320,6 +320,8 @@ def compile_steps(run: Run):
       return jitted(state, batch, teacher_params)
   eval_step = jax.jit(step_lib.make_eval_step(run.graphdef, objective),
                       in_shardings=(run.state_shardings, batch_sharding))
+  if run.mesh.shape.get("expert", 1) > 1:  # expert parallelism reads the mesh while tracing
+    train_step, eval_step = (mesh_lib.under_mesh(f, run.mesh) for f in (train_step, eval_step))
   return train_step, eval_step
 
 

@@ -1,8 +1,10 @@
 """Device mesh, logical sharding rules and multi-process start-up.
 
-Mesh axes: `data` (batch), `fsdp` (batch and parameter/optimizer-state shards), `tensor` (heads,
-MLP width, vocabulary); the MoE `expert` axis of stacked expert weights is replicated (no expert
-parallelism yet). Weights carry logical names (layers.py); LOGICAL_RULES maps them here.
+Mesh axes: `data` (batch), `fsdp` (batch and parameter/optimizer-state shards), `expert` (batch,
+and the stacked MoE expert weights [E, ...] / a ReXMoE group's pool [r E, ...]: expert
+parallelism, tokens dispatched by all-to-all in research/model/expert_parallel.py), `tensor`
+(heads, MLP width, vocabulary; innermost). Weights carry logical names (layers.py);
+LOGICAL_RULES maps them here.
 """
 
 import math
@@ -15,8 +17,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from research.config import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")  # the expert axis is data-parallel outside the experts
 
 LOGICAL_RULES = (
     ("batch", BATCH_AXES),
@@ -25,14 +27,16 @@ LOGICAL_RULES = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
-    ("expert", None),  # MoE experts: replicated; expert parallelism is not done yet
+    ("expert", "expert"),  # MoE experts (and a ReXMoE pool's r E rows): expert parallelism
     ("norm", None),
 )
 
 
-def mesh_shape(mesh_cfg: mlc.ConfigDict, num_devices: int) -> tuple[int, int, int]:
-  """(data, fsdp, tensor) with the single -1 filled in; raises ConfigError naming config.mesh."""
-  sizes = {axis: mesh_cfg[axis] for axis in MESH_AXES}
+def mesh_shape(mesh_cfg: mlc.ConfigDict, num_devices: int) -> tuple[int, int, int, int]:
+  """(data, fsdp, expert, tensor) with the single -1 filled in (`expert` absent from an older
+  config: 1); raises ConfigError naming config.mesh."""
+  sizes = {axis: mesh_cfg.get(axis, 1) if axis == "expert" else mesh_cfg[axis]
+           for axis in MESH_AXES}
   for axis, size in sizes.items():
     if not isinstance(size, int) or size == 0 or size < -1:
       raise ConfigError(f"config.mesh.{axis}={size!r}: must be a positive size or -1")
@@ -53,13 +57,14 @@ def mesh_shape(mesh_cfg: mlc.ConfigDict, num_devices: int) -> tuple[int, int, in
 
 
 def make_mesh(mesh_cfg: mlc.ConfigDict) -> jax.sharding.Mesh:
-  """The (data, fsdp, tensor) mesh over every device of every process; tensor is innermost."""
+  """The (data, fsdp, expert, tensor) mesh over every device of every process; tensor is
+  innermost."""
   shape = mesh_shape(mesh_cfg, jax.device_count())
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over data x fsdp, the rest replicated."""
+  """Leading (batch) dimension split over data x fsdp x expert, the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
@@ -67,6 +72,15 @@ def host_to_global(batch: dict, mesh: jax.sharding.Mesh) -> dict:
   """Assembles each process's slice of the batch into one global array per key."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def under_mesh(fn, mesh: jax.sharding.Mesh):
+  """fn called (and so traced, when jitted) with `mesh` set as the context mesh: the MoE layers'
+  expert parallelism (research/model/expert_parallel.py) reads its `expert` axis there."""
+  def called(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+  return called
 
 
 def cluster_detected() -> bool:
