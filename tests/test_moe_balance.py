@@ -46,7 +46,7 @@ def run_layers(form: str, zero_router: bool = False):
 
   @nnx.jit
   def run(model):
-    _, aux = model(tokens, positions, segments)
+    _, aux, _ = model(tokens, positions, segments)
     x_BTD, tok = model.core_inputs(tokens, positions, segments)
     logits = []
     for block in model.core.blocks:
