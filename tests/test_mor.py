@@ -102,7 +102,8 @@ call = nnx.jit(lambda f, *args: f(*args))  # a module call, compiled once per sh
 
 
 def reference_expert(core, x_BTD, tok):
-  """Slow obvious expert-choice MoR: per row and step, Python top-k, one block call per step."""
+  """Slow obvious expert-choice MoR: per row and step, Python top-k, one block call per depth of
+  the step (its LoRA and norm scales when the recursion is relaxed)."""
   e, out, depths = core.rule.cfg.expert, [], []
   b_layers = core.plan.num_shared
   for b in range(x_BTD.shape[0]):
@@ -119,8 +120,9 @@ def reference_expert(core, x_BTD, tok):
       sub = Tokens(tok.positions[b, idx][None], tok.segments[b, idx][None],
                    jnp.asarray(idx, jnp.int32)[None])
       y = h[idx][None]
-      for j in core.plan.order[r * b_layers:(r + 1) * b_layers]:
-        y = call(core.blocks[j], y, sub)  # the same (tied) block at every step, attention too
+      for depth_i in range(r * b_layers, (r + 1) * b_layers):
+        block, lora, norms = core.at_depth(depth_i)  # the same (tied) block at every step
+        y = call(block, y, sub, lora, norms)  # with the depth's LoRA and norms, if relaxed
       w = np.asarray([gate[t] for t in chosen], np.float32)[:, None]
       h = np.asarray(h).copy()
       h[idx] += w * np.asarray(y[0])

@@ -16,6 +16,7 @@ from research.model import mor, recursion
 from research.model.layers import Tokens
 from research.model.lm import LanguageModel
 from tests.model_util import fit, random_batch, tiny_config, train_setup, with_mor
+from tests.test_mor import reference_expert
 
 T = 16
 MC3 = dict(strategy="middle_cycle", num_recursions=3)
@@ -98,34 +99,11 @@ def test_expert_choice_with_lora_and_untied_norms_matches_a_per_row_loop():
   """Per row and step: Python top-k over the candidates, the step's depth run with that depth's
   LoRA and norm scales (core.at_depth) on the chosen tokens, H += g f(H)."""
   model = relaxed_model("gather")
-  core = model.core
   x, tok = inputs()
   y, depth, _ = core_forward(model, x, tok)
-  call = nnx.jit(lambda blk, h, t, lora, norms: blk(h, t, lora, norms))
-  b_layers = core.plan.num_shared
-  for b in range(2):
-    h = np.asarray(x[b])
-    cand = [t for t in range(T) if tok.segments[b, t] != 0]
-    want_depth = np.zeros(T, int)
-    for r, cap in enumerate(core.rule.capacity):
-      s = np.asarray(core.router(jnp.asarray(h)[None, np.array(cand)], r))[0, :, 0]
-      g = 0.1 / (1 + np.exp(-s.astype(np.float64)))
-      order = sorted(range(len(cand)), key=lambda i, g=g: (-g[i], i))[:max(1, int(cap * T))]
-      chosen = sorted(cand[i] for i in order)
-      gate = {cand[i]: g[i] for i in order}
-      idx = np.array(chosen)
-      sub = Tokens(tok.positions[b, idx][None], tok.segments[b, idx][None],
-                   jnp.asarray(idx, jnp.int32)[None])
-      out = jnp.asarray(h[idx])[None]
-      for depth_i in range(r * b_layers, (r + 1) * b_layers):
-        block, lora, norms = core.at_depth(depth_i)
-        out = call(block, out, sub, lora, norms)
-      h = h.copy()
-      h[idx] += np.asarray([gate[t] for t in chosen], np.float32)[:, None] * np.asarray(out[0])
-      want_depth[idx] += 1
-      cand = chosen
-    np.testing.assert_array_equal(depth[b], want_depth)
-    np.testing.assert_allclose(y[b], h, atol=3e-5, rtol=1e-5)
+  want, want_depth = reference_expert(model.core, x, tok)
+  np.testing.assert_array_equal(depth, want_depth)
+  np.testing.assert_allclose(y, want, atol=3e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rec,moe", [(dict(MC3, lora_rank=4), {}), (MC3, DROPLESS_MOE),
