@@ -9,6 +9,7 @@ Batches are dicts of int32 numpy arrays of shape [batch_size, seq_len + 1]:
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -52,6 +53,75 @@ def to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   }
 
 
+TUPLE_TAG = "__tuple__"  # a tuple in an iterator state, as JSON: {"__tuple__": [items]}
+TYPED_STATE = "typed_state"  # key of the encoded state in TypedStateIterator.get_state()
+
+
+def encode_state(state: Any) -> Any:
+  """`state` as JSON-able values that keep their types: tuples become {"__tuple__": [...]}."""
+  if isinstance(state, tuple):
+    return {TUPLE_TAG: [encode_state(x) for x in state]}
+  if isinstance(state, list):
+    return [encode_state(x) for x in state]
+  if isinstance(state, dict):
+    return {k: encode_state(v) for k, v in state.items()}
+  return state
+
+
+def decode_state(state: Any) -> Any:
+  """Inverse of encode_state (after a JSON round trip)."""
+  if isinstance(state, dict):
+    if set(state) == {TUPLE_TAG}:
+      return tuple(decode_state(x) for x in state[TUPLE_TAG])
+    return {k: decode_state(v) for k, v in state.items()}
+  if isinstance(state, list):
+    return [decode_state(x) for x in state]
+  return state
+
+
+def _legacy_state(state: Any) -> Any:
+  """A state saved before TypedStateIterator (plain JSON): the packer's slices were tuples."""
+  if isinstance(state, dict):
+    return {k: ({f: tuple(v) for f, v in sub.items()} if k == "remainder_slices"
+                else _legacy_state(sub)) for k, sub in state.items()}
+  if isinstance(state, list):
+    return [_legacy_state(x) for x in state]
+  return state
+
+
+class TypedStateIterator(grain.DatasetIterator):
+  """Delegates to `parent`, with a state whose JSON round trip gives back the same types.
+
+  grain's packer tells "no leftover tokens" by `slices != (-1, -1)`; a plain JSON round trip
+  makes that tuple a list, and the restored packer pulls one document too many.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator):
+    super().__init__(parent)
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self) -> dict[str, Any]:
+    return {TYPED_STATE: encode_state(self._parent.get_state())}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if TYPED_STATE in state:
+      self._parent.set_state(decode_state(state[TYPED_STATE]))
+    else:
+      self._parent.set_state(_legacy_state(state))
+
+
+class TypedStateIterDataset(grain.IterDataset):
+  """`parent` whose iterators are TypedStateIterators."""
+
+  def __init__(self, parent: grain.IterDataset):
+    super().__init__(parent)
+
+  def __iter__(self) -> TypedStateIterator:
+    return TypedStateIterator(self._parent.__iter__())
+
+
 def make_dataset(
   docs: Sequence[str],
   tok: Tokenizer,
@@ -67,7 +137,8 @@ def make_dataset(
   prefetch: int = 8,
   worker_count: int = 0,
 ) -> grain.IterDataset:
-  """Packed LM batches of this host's shard of `docs`; `iter()` gives a checkpointable iterator.
+  """Packed LM batches of this host's shard of `docs`; `iter()` gives a checkpointable iterator
+  whose state survives a JSON round trip exactly (TypedStateIterator).
 
   worker_count > 0 runs the pipeline in grain worker processes: absl flags must be parsed (as under
   absl.app.run) and the caller needs an `if __name__ == "__main__":` guard.
@@ -83,7 +154,7 @@ def make_dataset(
   it = it.batch(batch_size, drop_remainder=True).map(to_batch)
   if worker_count > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  return it
+  return TypedStateIterDataset(it)
 
 
 def count_tokens(docs: Sequence[str], tok: Tokenizer, chunk: int = 256) -> int:
