@@ -7,6 +7,7 @@ checkpoint and exit 0 (a second signal aborts); a non-finite loss or gradient ne
 parameters, and no checkpoint holds NaN or Inf.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -37,6 +38,10 @@ from research.train import mesh as mesh_lib
 from research.train import metrics as metrics_lib
 from research.train import optimizer as optimizer_lib
 from research.train import step as step_lib
+from research.train import workdir as workdir_lib
+
+CHECKPOINTED = "checkpointed"  # <workdir>/checkpointed: a checkpoint of this run was completed
+ERROR_LOG = "errors.log"  # <workdir>/errors.log: full tracebacks of checkpoint failures
 
 # Config sections whose change makes an existing workdir's checkpoints meaningless.
 RUN_DEFINING = ("seed", "model", "data.source", "data.train_files", "data.valid_files",
@@ -75,31 +80,57 @@ def total_steps(cfg: mlc.ConfigDict) -> int:
   return max(1, round(cfg.train.flop_budget / per_step))  # MoR configs: 12619, 8883
 
 
-def check_workdir_config(cfg: mlc.ConfigDict, workdir: str) -> None:
-  """Refuses a workdir that holds a run with different run-defining keys (unless allowed);
-  a training run then records its config there (eval mode writes nothing). A key the saved
+# Train keys that change the run from here on without making its checkpoints meaningless; a
+# resumed run names those that differ from the workdir's config.json.
+RUN_SHAPING = ("train.steps", "train.flop_budget", "train.lr", "train.schedule",
+               "train.warmup_fraction", "train.warmup_steps", "train.decay_fraction",
+               "train.min_lr_ratio", "train.b1", "train.b2", "train.eps", "train.weight_decay",
+               "train.grad_clip", "train.grad_accum", "train.nonfinite", "train.max_skipped",
+               "train.exit_loss", "train.exit_coeff", "train.exit_kd_coeff", "train.distill")
+
+
+def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
+  return any(key == p or key.startswith(f"{p}.") for p in prefixes)
+
+
+def check_workdir_config(cfg: mlc.ConfigDict, workdir: str) -> list[str]:
+  """Refuses a workdir that holds a run with different run-defining keys (unless allowed) and
+  returns the run-shaping keys that differ, as "key: old -> new". Writes nothing (a training
+  run records its config with record_config once every check has passed). A key the saved
   config lacks (added to the code since) counts as its configs/base.py default."""
   path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return []
   new = _flatten(json.loads(cfg.to_json_best_effort()))
-  if os.path.exists(path):
+  try:
     with open(path) as f:
-      old = _flatten(json.loads(base.get_config().to_json_best_effort())) | _flatten(json.load(f))
-    defining = lambda k: any(k == p or k.startswith(f"{p}.") for p in RUN_DEFINING)
-    changed = [k for k in sorted(set(old) | set(new))
-               if defining(k) and old.get(k, "(absent)") != new.get(k, "(absent)")]
-    if changed and not cfg.allow_config_change:
-      details = "; ".join(f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
-                          for k in changed[:5])
-      more = f"; and {len(changed) - 5} more" if len(changed) > 5 else ""
-      raise config_lib.ConfigError(
-          f"{workdir} holds a run with a different config ({details}{more}). Use a new "
-          "--workdir, or pass --config.allow_config_change=True to resume it anyway.")
-  if cfg.mode == "train" and jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-      f.write(cfg.to_json_best_effort(indent=1))
-    os.replace(tmp, path)
+      saved = _flatten(json.load(f))
+  except (OSError, ValueError) as e:
+    raise config_lib.ConfigError(f"{path}: unreadable ({e}); move it away to start over") from None
+  old = _flatten(json.loads(base.get_config().to_json_best_effort())) | saved
+  keys = sorted(set(old) | set(new))
+  diff = lambda k: f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
+  changed = [k for k in keys
+             if _matches(k, RUN_DEFINING) and old.get(k, "(absent)") != new.get(k, "(absent)")]
+  if changed and not cfg.allow_config_change:
+    details = "; ".join(diff(k) for k in changed[:5])
+    more = f"; and {len(changed) - 5} more" if len(changed) > 5 else ""
+    raise config_lib.ConfigError(
+        f"{workdir} holds a run with a different config ({details}{more}). Use a new "
+        "--workdir, or pass --config.allow_config_change=True to resume it anyway.")
+  return [diff(k) for k in keys
+          if _matches(k, RUN_SHAPING) and old.get(k, "(absent)") != new.get(k, "(absent)")]
+
+
+def record_config(cfg: mlc.ConfigDict, workdir: str) -> None:
+  """Writes <workdir>/config.json atomically (training runs, on process 0)."""
+  if cfg.mode != "train" or jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "config.json")
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    f.write(cfg.to_json_best_effort(indent=1))
+  os.replace(tmp, path)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -127,7 +158,7 @@ def setup(cfg: mlc.ConfigDict, workdir: str) -> Run:
         f"config.data (source={cfg.data.source!r}, train_files={cfg.data.train_files!r}, "
         f"tokenizer={cfg.data.tokenizer!r}): {e}") from e
   cfg = config_lib.with_derived(cfg, tok.get_vocab_size())
-  check_workdir_config(cfg, workdir)
+  config_changes = check_workdir_config(cfg, workdir)
 
   steps = total_steps(cfg)
   schedule = optimizer_lib.make_schedule(cfg.train, steps)
@@ -144,6 +175,7 @@ def setup(cfg: mlc.ConfigDict, workdir: str) -> Run:
             abstract_state=checkpoint.abstract_with_shardings(abstract, shardings),
             state_shardings=shardings, schedule=schedule, tx=tx)
   run.init_state = init_state
+  run.config_changes = config_changes
   return run
 
 
@@ -232,7 +264,8 @@ def check_tokenizer(run: Run, meta: dict) -> None:
         f"step {meta.get('step')} was trained with (same size, different vocabulary or merges)")
 
 
-def restore_or_init(run: Run, mngr, *, for_eval: bool = False) -> tuple[Any, int, Any]:
+def restore_or_init(run: Run, mngr, *, for_eval: bool = False,
+                    error_log: checkpoint.ErrorLog | None = None) -> tuple[Any, int, Any]:
   """(state, step, train iterator): the run's newest readable checkpoint, else restore_from,
   else a fresh start. The run's own checkpoints win over restore_from so that a restarted run
   never rolls back (`for_eval`: restore_from wins); if none of them loads, that is an error."""
@@ -243,7 +276,7 @@ def restore_or_init(run: Run, mngr, *, for_eval: bool = False) -> tuple[Any, int
   own = bool(mngr.all_steps()) and not (for_eval and cfg.checkpoint.restore_from)
   if own:
     restored = checkpoint.restore_latest(mngr, run.abstract_state, new_iter, check,
-                                         move_aside=not for_eval)
+                                         move_aside=not for_eval, error_log=error_log)
     if restored is None:
       raise config_lib.ConfigError(
           f"no checkpoint in {mngr.directory} could be loaded (each is named in a warning above); "
@@ -340,29 +373,77 @@ def train(cfg: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final validation metrics, the status
   (ok, "stopped by SIGTERM", nonfinite) and the step of the last checkpoint."""
   with SignalGuard() as guard:  # from the start: a signal during set-up or compilation counts
-    return _train(cfg, workdir, guard)
+    lock = contextlib.nullcontext()
+    if jax.process_index() == 0:  # before anything in the workdir is touched
+      workdir_lib.prepare(workdir)
+      lock = workdir_lib.WorkdirLock(workdir)
+    with lock, checkpoint.ErrorLog(os.path.join(workdir, ERROR_LOG)) as error_log:
+      try:
+        return _train(cfg, workdir, guard, error_log)
+      except checkpoint.CheckpointWriteError as e:
+        if error_log.count and not error_log.unwritable:
+          raise checkpoint.CheckpointWriteError(f"{e} (tracebacks in {error_log.path})") from e
+        raise
 
 
-def _train(cfg: mlc.ConfigDict, workdir: str, guard: SignalGuard) -> dict[str, Any]:
+def check_not_emptied(run: Run, mngr, writer) -> None:
+  """Refuses a workdir whose checkpoints are gone though it had some (metrics.jsonl and
+  config.json remain), unless config.train.start_over; then the old records are dropped."""
+  marker = os.path.join(run.workdir, CHECKPOINTED)
+  if mngr.all_steps() or run.cfg.checkpoint.restore_from or not os.path.exists(marker):
+    return
+  if not run.cfg.train.start_over:
+    raise config_lib.ConfigError(
+        f"--workdir={run.workdir}: its checkpoints are gone ({mngr.directory} holds none) but "
+        "metrics.jsonl and config.json of an earlier run remain; pass "
+        "--config.train.start_over=True to train again from step 0 (their records are dropped)")
+  logging.warning("config.train.start_over=True: %s starts again from step 0", run.workdir)
+  if run.is_main:
+    writer.truncate(0)
+    os.remove(marker)
+
+
+def _train(cfg: mlc.ConfigDict, workdir: str, guard: SignalGuard,
+           error_log: checkpoint.ErrorLog) -> dict[str, Any]:
   run = setup(cfg, workdir)
   cfg = run.cfg
   writer = metrics_lib.MetricWriter(workdir, cfg, enabled=run.is_main)
   mngr = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                                  async_save=cfg.checkpoint.async_save)
-  bar = None
+  bar, write_failed = None, False
   try:
-    state, step, train_iter = restore_or_init(run, mngr)
+    check_not_emptied(run, mngr, writer)
+    state, step, train_iter = restore_or_init(run, mngr, error_log=error_log)
+    if step and run.config_changes and run.is_main:
+      logging.warning("resuming %s at step %d with changed run-shaping keys: %s", workdir, step,
+                      "; ".join(run.config_changes))
+    record_config(cfg, workdir)  # only now: every check has passed
     writer.truncate(step)  # records logged after this checkpoint by a killed run are redone
     train_step, eval_step = compile_steps(run)
     meta = dict(tokenizer_facts(run.tokenizer), config=cfg.to_dict())
+    in_flight = None  # the step whose checkpoint is being written
+
+    def settle(wait: bool) -> None:
+      """Checks the checkpoint in flight (`wait`: waits for it); a failed write raises
+      CheckpointWriteError, a completed one marks the workdir as checkpointed."""
+      nonlocal in_flight
+      if in_flight is not None and checkpoint.confirm(mngr, in_flight, wait=wait):
+        in_flight = None
+        marker = os.path.join(workdir, CHECKPOINTED)
+        if run.is_main and not os.path.exists(marker):
+          with open(marker, "w") as f:
+            f.write("a checkpoint of this run was completed; see check_not_emptied\n")
 
     def save(state) -> int:
       """Checkpoints `state` under its own step; a state frozen by a bad step is saved as the
       last good one (skipped reset), so a resumed run can continue from it."""
+      nonlocal in_flight
+      settle(wait=True)
       at, skipped = (int(x) for x in jax.device_get((state["step"], state["skipped"])))
       if skipped and cfg.train.nonfinite == "stop":
         state = dict(state, skipped=jnp.zeros_like(state["skipped"]))
       checkpoint.save(mngr, at, state, train_iter, dict(meta, step=at))
+      in_flight = at
       return at
 
     if run.is_main:
@@ -395,6 +476,7 @@ def _train(cfg: mlc.ConfigDict, workdir: str, guard: SignalGuard) -> dict[str, A
       batch = mesh_lib.host_to_global(next(train_iter), run.mesh)
       state, step_metrics = train_step(state, batch)
       step += 1
+      settle(wait=False)  # a failed background write stops the run here
       status = flush()  # the previous step's metrics: no host sync on the current one
       if status != "ok":
         if cfg.train.nonfinite == "skip":  # the state includes this step: log it too
@@ -411,7 +493,7 @@ def _train(cfg: mlc.ConfigDict, workdir: str, guard: SignalGuard) -> dict[str, A
     last = flush()
     status = last if last != "ok" else status
     final_step = save(state)
-    mngr.wait_until_finished()
+    settle(wait=True)
     bar.close()
     result = {}
     if status == "ok":
@@ -430,10 +512,18 @@ def _train(cfg: mlc.ConfigDict, workdir: str, guard: SignalGuard) -> dict[str, A
     if run.is_main:
       print(message, flush=True)
     return dict(result, status=status, step=final_step)
+  except checkpoint.CheckpointWriteError:
+    write_failed = True
+    raise
   finally:
     if bar is not None:
       bar.close()
-    mngr.close()
+    try:
+      mngr.close()
+    except Exception as e:  # after a failed write, closing fails for the same reason
+      if not write_failed:
+        raise
+      logging.info("closing the checkpoint manager after the failed write: %s", e)
     writer.close()
 
 
@@ -469,7 +559,8 @@ def evaluate_checkpoint(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
       raise config_lib.ConfigError(
           f"config.mode='eval': {workdir} holds no checkpoint to evaluate (and "
           "config.model.init_from is empty)")
-    state, step, _ = restore_or_init(run, mngr, for_eval=True)
+    with checkpoint.ErrorLog(os.path.join(workdir, ERROR_LOG)) as error_log:
+      state, step, _ = restore_or_init(run, mngr, for_eval=True, error_log=error_log)
     _, eval_step = compile_steps(run)
     result = evaluate(run, eval_step, state)
   finally:
