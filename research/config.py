@@ -226,6 +226,12 @@ def validate_data(cfg: mlc.ConfigDict) -> None:
     _check(os.path.isfile(path), "data.tokenizer", d.tokenizer,
            "must be 'bpe', a tokenizer.json file, or a directory holding one")
   _check(d.num_threads >= 1, "data.num_threads", d.num_threads, "must be >= 1")
+  _check(d.seed >= -1, "data.seed", d.seed, "must be >= 0, or -1 to follow config.seed")
+  _one_of(cfg, "data.positions", ("document", "row"))
+  if d.score_boundary_targets:
+    _check(cfg.model.attend_across_segments, "data.score_boundary_targets", True,
+           "scores the target after a document's end as the MoR code does, which attends "
+           "across documents: needs config.model.attend_across_segments=True")
   _check(d.worker_count >= 0, "data.worker_count", d.worker_count, "must be >= 0")
 
 

@@ -3,9 +3,9 @@
 Batches are dicts of int32 numpy arrays of shape [batch_size, seq_len + 1]:
   tokens       token ids; the trainer uses tokens[:, :-1] as inputs and tokens[:, 1:] as targets
   positions    position within the piece of a document in this row (restarts at 0 at each new
-               document and at the start of every row)
+               document and at the start of every row); positions="row": 0..T along the row
   segment_ids  1, 2, ... numbers the document pieces of a row; 0 marks padding (only at the end of
-               a finite, non-repeated dataset)
+               a finite, non-repeated dataset); score_boundary_targets: 1 for the whole row
 """
 
 from collections.abc import Sequence
@@ -44,13 +44,37 @@ class Tokenize(grain.transforms.Map):
     return {"tokens": np.asarray(ids, dtype=np.int32)}
 
 
+POSITIONS = ("document", "row")
+
+
+class ToBatch(grain.transforms.Map):
+  """Renames grain's packing outputs to tokens / positions / segment_ids (int32).
+
+  positions="row": 0, 1, ... along the whole row (not restarting at documents);
+  one_segment: every non-padding token in segment 1, so the target after a document's EOS is
+  scored too (with attention across documents, the model sees no other difference).
+  """
+
+  def __init__(self, positions: str = "document", one_segment: bool = False):
+    if positions not in POSITIONS:
+      raise ValueError(f"positions={positions!r}: expected one of {POSITIONS}")
+    self.positions, self.one_segment = positions, one_segment
+
+  def map(self, packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    segments = packed["tokens_segment_ids"].astype(np.int32)
+    positions = packed["tokens_positions"].astype(np.int32)
+    if self.positions == "row":
+      positions = np.broadcast_to(np.arange(segments.shape[-1], dtype=np.int32), segments.shape)
+      positions = np.where(segments != 0, positions, 0).astype(np.int32)
+    if self.one_segment:
+      segments = (segments != 0).astype(np.int32)
+    return {"tokens": packed["tokens"].astype(np.int32), "positions": positions,
+            "segment_ids": segments}
+
+
 def to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Renames grain's packing outputs to tokens / positions / segment_ids (int32)."""
-  return {
-    "tokens": packed["tokens"].astype(np.int32),
-    "positions": packed["tokens_positions"].astype(np.int32),
-    "segment_ids": packed["tokens_segment_ids"].astype(np.int32),
-  }
+  """ToBatch() of the default settings (positions restart at documents, one segment each)."""
+  return ToBatch().map(packed)
 
 
 TUPLE_TAG = "__tuple__"  # a tuple in an iterator state, as JSON: {"__tuple__": [items]}
@@ -122,6 +146,11 @@ class TypedStateIterDataset(grain.IterDataset):
     return TypedStateIterator(self._parent.__iter__())
 
 
+def is_document(doc: str | None) -> bool:
+  """False for the None a reader gives for a skipped bad record."""
+  return doc is not None
+
+
 def make_dataset(
   docs: Sequence[str],
   tok: Tokenizer,
@@ -136,22 +165,31 @@ def make_dataset(
   num_threads: int = 2,
   prefetch: int = 8,
   worker_count: int = 0,
+  skip_bad_records: bool = False,
+  positions: str = "document",
+  score_boundary_targets: bool = False,
 ) -> grain.IterDataset:
   """Packed LM batches of this host's shard of `docs`; `iter()` gives a checkpointable iterator
   whose state survives a JSON round trip exactly (TypedStateIterator).
 
   worker_count > 0 runs the pipeline in grain worker processes: absl flags must be parsed (as under
-  absl.app.run) and the caller needs an `if __name__ == "__main__":` guard.
+  absl.app.run) and the caller needs an `if __name__ == "__main__":` guard. `skip_bad_records`
+  drops the documents a reader gives as None (readers.open_documents with skip_bad).
+  `positions` and `score_boundary_targets` (docs/data.md): see ToBatch.
   """
   ds = grain.MapDataset.source(docs)
   if shuffle:
     ds = ds.seed(seed).shuffle()  # a new permutation every epoch
   if repeat:
     ds = ds.repeat(None)
-  ds = ds[process_index::process_count].map(Tokenize(tok))
+  ds = ds[process_index::process_count]
+  if skip_bad_records:
+    ds = ds.filter(is_document)
+  ds = ds.map(Tokenize(tok))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
   it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len + 1})
-  it = it.batch(batch_size, drop_remainder=True).map(to_batch)
+  it = it.batch(batch_size, drop_remainder=True).map(
+      ToBatch(positions, one_segment=score_boundary_targets))
   if worker_count > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return TypedStateIterDataset(it)
@@ -163,5 +201,6 @@ def count_tokens(docs: Sequence[str], tok: Tokenizer, chunk: int = 256) -> int:
   total = 0
   for start in range(0, len(docs), chunk):
     batch = [docs[i] for i in range(start, min(start + chunk, len(docs)))]
+    batch = [d for d in batch if d is not None]  # bad records skipped by the reader
     total += sum(len(e.ids) + 1 for e in tok.encode_batch(batch, add_special_tokens=False))
   return total

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from configs import base
 from research import config as config_lib
 from research.convert import load, recursive_init
-from research.data import corpus, pipeline
+from research.data import corpus, pipeline, readers
 from research.data import tokenizer as tokenizer_lib
 from research.model.lm import LanguageModel
 from research.train import checkpoint, flops, peak
@@ -44,7 +44,7 @@ CHECKPOINTED = "checkpointed"  # <workdir>/checkpointed: a checkpoint of this ru
 ERROR_LOG = "errors.log"  # <workdir>/errors.log: full tracebacks of checkpoint failures
 
 # Config sections whose change makes an existing workdir's checkpoints meaningless.
-RUN_DEFINING = ("seed", "model", "data.source", "data.train_files", "data.valid_files",
+RUN_DEFINING = ("seed", "data.seed", "model", "data.source", "data.train_files", "data.valid_files",
                 "data.text_key", "data.valid_fraction", "data.split_seed", "data.seq_len",
                 "data.tokenizer", "data.bpe_vocab_size", "train.batch_size")
 
@@ -86,7 +86,8 @@ RUN_SHAPING = ("train.steps", "train.flop_budget", "train.lr", "train.schedule",
                "train.warmup_fraction", "train.warmup_steps", "train.decay_fraction",
                "train.min_lr_ratio", "train.b1", "train.b2", "train.eps", "train.weight_decay",
                "train.grad_clip", "train.grad_accum", "train.nonfinite", "train.max_skipped",
-               "train.exit_loss", "train.exit_coeff", "train.exit_kd_coeff", "train.distill")
+               "train.exit_loss", "train.exit_coeff", "train.exit_kd_coeff", "train.distill",
+               "data.positions", "data.score_boundary_targets", "data.skip_bad_records")
 
 
 def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
@@ -184,11 +185,35 @@ def make_iterator(run: Run, docs, *, train: bool):
   micro = cfg.train.batch_size // cfg.train.grad_accum
   per_process = (cfg.train.batch_size if train else micro) // jax.process_count()
   ds = pipeline.make_dataset(
-      docs, run.tokenizer, seq_len=cfg.data.seq_len, batch_size=per_process, seed=cfg.seed,
-      shuffle=train, repeat=True, process_index=jax.process_index(),
+      docs, run.tokenizer, seq_len=cfg.data.seq_len, batch_size=per_process,
+      seed=data_seed(cfg), shuffle=train, repeat=True, process_index=jax.process_index(),
       process_count=jax.process_count(), num_threads=cfg.data.num_threads,
-      prefetch=cfg.data.prefetch, worker_count=cfg.data.worker_count if train else 0)
+      prefetch=cfg.data.prefetch, worker_count=cfg.data.worker_count if train else 0,
+      skip_bad_records=cfg.data.skip_bad_records, positions=cfg.data.positions,
+      score_boundary_targets=cfg.data.score_boundary_targets)
   return iter(ds)
+
+
+def bad_records(run: Run) -> int:
+  """Bad records the readers of this process skipped (config.data.skip_bad_records)."""
+  readers_seen = {id(getattr(d, "docs", d)): getattr(d, "docs", d)
+                  for d in (run.train_docs, run.valid_docs)}
+  return sum(getattr(r, "bad_records", 0) for r in readers_seen.values())
+
+
+def data_seed(cfg: mlc.ConfigDict) -> int:
+  """The seed of the training-document shuffle: config.data.seed, or config.seed if it is -1."""
+  return cfg.seed if cfg.data.seed == -1 else cfg.data.seed
+
+
+def next_batch(data_iter, where: str):
+  """next(data_iter); a bad data record (readers.BadRecordError) becomes a one-line ConfigError."""
+  try:
+    return next(data_iter)
+  except readers.BadRecordError as e:
+    raise config_lib.ConfigError(
+        f"{e} ({where}; pass --config.data.skip_bad_records=True to skip and count such "
+        "records)") from None
 
 
 def evaluate(run: Run, eval_step, state) -> dict[str, float]:
@@ -197,7 +222,8 @@ def evaluate(run: Run, eval_step, state) -> dict[str, float]:
   it = make_iterator(run, run.valid_docs, train=False)
   totals, count = {}, 0.0
   for _ in range(run.cfg.train.eval_batches):
-    sums, c = jax.device_get(eval_step(state, mesh_lib.host_to_global(next(it), run.mesh)))
+    batch = next_batch(it, "validation data")
+    sums, c = jax.device_get(eval_step(state, mesh_lib.host_to_global(batch, run.mesh)))
     totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
     count += float(c)
   means = {k: v / max(count, 1.0) for k, v in totals.items()}
@@ -473,7 +499,7 @@ def _train(cfg: mlc.ConfigDict, workdir: str, guard: SignalGuard,
       if guard.should_stop():
         status = f"stopped by {guard.requested or 'a signal to another process'}"
         break
-      batch = mesh_lib.host_to_global(next(train_iter), run.mesh)
+      batch = mesh_lib.host_to_global(next_batch(train_iter, "training data"), run.mesh)
       state, step_metrics = train_step(state, batch)
       step += 1
       settle(wait=False)  # a failed background write stops the run here
@@ -537,6 +563,8 @@ def _report(run: Run, writer, bar, step: int, step_metrics, t_last: float,
   if not finite or step % cfg.train.log_every == 0 or step == run.total_steps:
     elapsed = time.perf_counter() - t_last
     record = dict(m, **perf_metrics(run, max(step - step_last, 1), elapsed))
+    if cfg.data.skip_bad_records:  # skipped by this process since it started (not by workers)
+      record["bad_records"] = bad_records(run)
     writer.write(step, record)
     bar.set_postfix(loss=f"{float(m['loss']):.3f}", refresh=False)
   bar.update(step - bar.n)
