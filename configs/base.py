@@ -144,7 +144,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.train.grad_clip = 1.0  # global-norm clipping (0: off)
   c.train.log_every = 10  # steps between metric lines (metrics.jsonl, wandb, progress bar)
   c.train.eval_every = 200  # steps between validation passes (0: only at the end)
-  c.train.eval_batches = 8  # validation batches per pass (fixed, same every time)
+  c.train.eval_batches = 8  # validation batches per pass (fixed, same every time; -1: whole split)
   c.train.nonfinite = "stop"  # stop (checkpoint last good state) | skip (drop update)
   c.train.max_skipped = 10  # with nonfinite=skip: stop after this many consecutive skipped steps
   c.train.exit_loss = "final"  # with early_exit: final | weighted (e / sum j) | aggressive (RRT)

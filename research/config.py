@@ -239,8 +239,10 @@ def validate_train(cfg: mlc.ConfigDict) -> None:
   t = cfg.train
   _check(t.steps > 0 or t.flop_budget > 0, "train.steps", t.steps,
          "must be > 0 (or set config.train.flop_budget)")
-  for key in ("batch_size", "grad_accum", "lr", "log_every", "eval_batches"):
+  for key in ("batch_size", "grad_accum", "lr", "log_every"):
     _positive(cfg, f"train.{key}")
+  _check(t.eval_batches > 0 or t.eval_batches == -1, "train.eval_batches", t.eval_batches,
+         "must be > 0, or -1 for the whole validation split once")
   _check(t.batch_size % t.grad_accum == 0, "train.grad_accum", t.grad_accum,
          f"must divide config.train.batch_size={t.batch_size}")
   _one_of(cfg, "train.schedule", ("wsd", "cosine", "constant"))

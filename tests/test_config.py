@@ -87,3 +87,15 @@ def test_launcher_refuses_mistyped_key(tmp_path):
                        "--config.model.num_head=4")
   assert proc.returncode != 0
   assert "num_head" in proc.stderr and "num_heads" in proc.stderr  # "Did you mean"
+
+
+def test_a_flop_budget_gives_the_whole_steps_that_fit():
+  """Issue 15 item 17: the docs say the step count floors; 1.81e13 FLOPs at 15.1e9 per step
+  (tiny shape, 15 layers, 8 x 256 tokens) is 1198.7 steps: 1198, not the rounded 1199."""
+  from configs import vanilla
+  from research.train import loop
+  c = vanilla.get_config("tiny")
+  c.model.num_layers, c.data.seq_len, c.train.batch_size = 15, 256, 8
+  c.train.flop_budget = 1.81e13
+  assert loop.flops_per_step(c) == 15099494400.0
+  assert loop.total_steps(c) == 1198

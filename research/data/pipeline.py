@@ -168,6 +168,7 @@ def make_dataset(
   skip_bad_records: bool = False,
   positions: str = "document",
   score_boundary_targets: bool = False,
+  drop_remainder: bool = True,
 ) -> grain.IterDataset:
   """Packed LM batches of this host's shard of `docs`; `iter()` gives a checkpointable iterator
   whose state survives a JSON round trip exactly (TypedStateIterator).
@@ -175,7 +176,8 @@ def make_dataset(
   worker_count > 0 runs the pipeline in grain worker processes: absl flags must be parsed (as under
   absl.app.run) and the caller needs an `if __name__ == "__main__":` guard. `skip_bad_records`
   drops the documents a reader gives as None (readers.open_documents with skip_bad).
-  `positions` and `score_boundary_targets` (docs/data.md): see ToBatch.
+  `positions` and `score_boundary_targets` (docs/data.md): see ToBatch. `drop_remainder=False`
+  (with repeat=False) keeps the last, smaller batch.
   """
   ds = grain.MapDataset.source(docs)
   if shuffle:
@@ -188,7 +190,7 @@ def make_dataset(
   ds = ds.map(Tokenize(tok))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
   it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len + 1})
-  it = it.batch(batch_size, drop_remainder=True).map(
+  it = it.batch(batch_size, drop_remainder=drop_remainder).map(
       ToBatch(positions, one_segment=score_boundary_targets))
   if worker_count > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))

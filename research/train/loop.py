@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -72,12 +73,17 @@ class Run:
 
 
 def total_steps(cfg: mlc.ConfigDict) -> int:
-  """train.steps, or the steps that spend train.flop_budget (paper convention, forward FLOPs)."""
+  """train.steps, or the whole steps that fit in train.flop_budget (paper convention, forward
+  FLOPs; floored, so a run never spends more than its budget)."""
   if cfg.train.flop_budget <= 0:
     return cfg.train.steps
-  per_step = (flops.paper_flops_per_token(cfg.model, cfg.data.seq_len)
-              * cfg.train.batch_size * cfg.data.seq_len)
-  return max(1, round(cfg.train.flop_budget / per_step))  # MoR configs: 12619, 8883
+  return max(1, math.floor(cfg.train.flop_budget / flops_per_step(cfg)))  # docs/sweeps.md
+
+
+def flops_per_step(cfg: mlc.ConfigDict) -> float:
+  """Paper-convention FLOPs of one optimizer step (forward, flops.paper_flops_per_token)."""
+  return (flops.paper_flops_per_token(cfg.model, cfg.data.seq_len)
+          * cfg.train.batch_size * cfg.data.seq_len)
 
 
 # Train keys that change the run from here on without making its checkpoints meaningless; a
@@ -160,6 +166,10 @@ def setup(cfg: mlc.ConfigDict, workdir: str) -> Run:
         f"tokenizer={cfg.data.tokenizer!r}): {e}") from e
   cfg = config_lib.with_derived(cfg, tok.get_vocab_size())
   config_changes = check_workdir_config(cfg, workdir)
+  if cfg.train.eval_batches == -1 and jax.process_count() > 1:
+    raise config_lib.ConfigError(
+        "config.train.eval_batches=-1: the whole-split evaluation runs on one process only; "
+        "give a batch count")
 
   steps = total_steps(cfg)
   schedule = optimizer_lib.make_schedule(cfg.train, steps)
@@ -177,16 +187,20 @@ def setup(cfg: mlc.ConfigDict, workdir: str) -> Run:
             state_shardings=shardings, schedule=schedule, tx=tx)
   run.init_state = init_state
   run.config_changes = config_changes
+  check_eval_batches(run)
   return run
 
 
-def make_iterator(run: Run, docs, *, train: bool):
+def make_iterator(run: Run, docs, *, train: bool, repeat: bool = True):
+  """Batches of `docs` (train: shuffled, full batches); `repeat=False`: one pass, keeping the
+  last, smaller batch."""
   cfg = run.cfg
   micro = cfg.train.batch_size // cfg.train.grad_accum
   per_process = (cfg.train.batch_size if train else micro) // jax.process_count()
   ds = pipeline.make_dataset(
       docs, run.tokenizer, seq_len=cfg.data.seq_len, batch_size=per_process,
-      seed=data_seed(cfg), shuffle=train, repeat=True, process_index=jax.process_index(),
+      seed=data_seed(cfg), shuffle=train, repeat=repeat, drop_remainder=repeat,
+      process_index=jax.process_index(),
       process_count=jax.process_count(), num_threads=cfg.data.num_threads,
       prefetch=cfg.data.prefetch, worker_count=cfg.data.worker_count if train else 0,
       skip_bad_records=cfg.data.skip_bad_records, positions=cfg.data.positions,
@@ -216,18 +230,62 @@ def next_batch(data_iter, where: str):
         "records)") from None
 
 
+def valid_batches(run: Run) -> int:
+  """How many full validation batches one pass over the validation split holds (process 0's
+  shard; packing leaves no gaps, so it is tokens // ((T + 1) * micro-batch))."""
+  cfg = run.cfg
+  micro = cfg.train.batch_size // cfg.train.grad_accum // jax.process_count()
+  shard = readers.Subset(run.valid_docs, np.arange(len(run.valid_docs))[
+      jax.process_index()::jax.process_count()])
+  return pipeline.count_tokens(shard, run.tokenizer) // ((cfg.data.seq_len + 1) * micro)
+
+
+def check_eval_batches(run: Run) -> None:
+  """Refuses a train.eval_batches that would wrap around the validation split (its batches
+  would be counted twice)."""
+  n = run.cfg.train.eval_batches
+  if n == -1:
+    return
+  fit = valid_batches(run)
+  if n > fit:
+    raise config_lib.ConfigError(
+        f"config.train.eval_batches={n}: the validation split ({len(run.valid_docs)} documents) "
+        f"holds only {fit} batches of {run.cfg.train.batch_size // run.cfg.train.grad_accum} x "
+        f"{run.cfg.data.seq_len + 1} tokens, so batches would be scored twice; use at most "
+        f"{fit}, or -1 for the whole split once")
+
+
 def evaluate(run: Run, eval_step, state) -> dict[str, float]:
   """Mean validation NLL (and NLL at every exit with early exits) over the same eval_batches
-  batches every time."""
-  it = make_iterator(run, run.valid_docs, train=False)
-  totals, count = {}, 0.0
-  for _ in range(run.cfg.train.eval_batches):
-    batch = next_batch(it, "validation data")
+  batches every time; eval_batches=-1: over the whole validation split once (the last batch
+  padded with rows that score nothing). `targets` is how many distinct targets were scored."""
+  whole = run.cfg.train.eval_batches == -1
+  it = make_iterator(run, run.valid_docs, train=False, repeat=not whole)
+  totals, count, batches = {}, 0.0, 0
+  while whole or batches < run.cfg.train.eval_batches:
+    try:
+      batch = next_batch(it, "validation data")
+    except StopIteration:
+      break
+    if whole:
+      batch = pad_batch(batch, run.cfg.train.batch_size // run.cfg.train.grad_accum
+                        // jax.process_count())
     sums, c = jax.device_get(eval_step(state, mesh_lib.host_to_global(batch, run.mesh)))
     totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
     count += float(c)
+    batches += 1
   means = {k: v / max(count, 1.0) for k, v in totals.items()}
-  return dict(means, ppl=float(np.exp(min(means["nll"], 50.0))), targets=count)
+  return dict(means, ppl=float(np.exp(min(means["nll"], 50.0))), targets=count,
+              batches=float(batches))
+
+
+def pad_batch(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+  """`batch` with rows of segment 0 (padding: no target is scored) up to `rows` rows."""
+  missing = rows - batch["tokens"].shape[0]
+  if missing <= 0:
+    return batch
+  return {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)])
+          for k, v in batch.items()}
 
 
 def nll_message(result: dict[str, float]) -> str:
@@ -472,6 +530,11 @@ def _train(cfg: mlc.ConfigDict, workdir: str, guard: SignalGuard,
       in_flight = at
       return at
 
+    if run.is_main and cfg.train.flop_budget > 0:
+      per_step = flops_per_step(cfg)
+      print(f"config.train.flop_budget={cfg.train.flop_budget:g}: {run.total_steps} steps of "
+            f"{per_step:.4g} FLOPs (budget / FLOPs per step = "
+            f"{cfg.train.flop_budget / per_step:.2f}, floored)", file=sys.stderr, flush=True)
     if run.is_main:
       n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
       logging.info("%s: %d params, %d steps (from step %d), mesh %s", workdir, n_params,
