@@ -498,3 +498,14 @@ def test_truncate_keeps_the_records_up_to_the_checkpoint(tmp_path):
   assert [(m["step"], m["kind"]) for m in read_metrics(tmp_path)] == [
       (1, "train"), (2, "train"), (3, "train"), (4, "train"), (4, "valid")]
   assert read_metrics(tmp_path)[-1]["nll"] == 0.5
+
+
+def test_wandb_offline_is_quiet_and_writes_its_files(tmp_path, capfd):
+  cfg = base.get_config()
+  cfg.wandb.mode = "offline"
+  writer = metrics_lib.MetricWriter(str(tmp_path), cfg, enabled=True)
+  writer.write(1, {"loss": 2.5})
+  writer.close()
+  out, err = capfd.readouterr()
+  assert "wandb" not in (out + err).lower(), out + err
+  assert [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]

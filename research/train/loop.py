@@ -558,6 +558,9 @@ def _train(cfg: mlc.ConfigDict, workdir: str, guard: SignalGuard,
         t_last, step_last = time.perf_counter(), at
       return result
 
+    if run.is_main and step < run.total_steps:
+      print(f"compiling the training step (step {step + 1} of {run.total_steps} follows) ...",
+            file=sys.stderr, flush=True)
     while step < run.total_steps:
       if guard.should_stop():
         status = f"stopped by {guard.requested or 'a signal to another process'}"

@@ -1,6 +1,7 @@
 """Metric sinks: metrics.jsonl in the workdir (always), Weights & Biases (best effort), stdout.
 
-W&B never stops training: an online init that fails (no network, no API key) is retried offline
+W&B never stops training (and in offline mode prints nothing; its files are still written): an
+online init that fails (no network, no API key) is retried offline
 (`wandb sync` uploads it later); a failing init or log is reported once and W&B is turned off for
 the rest of the run; metrics.jsonl is still written. Without network an online init gives up after
 about INIT_TIMEOUT_S + 10 seconds (the environment variable WANDB_INIT_TIMEOUT overrides it).
@@ -124,7 +125,7 @@ def _wandb_run(workdir: str, cfg: mlc.ConfigDict, mode: str):
       tags=[t for t in w.tags.split(",") if t] or None, mode=mode,
       name=w.name or os.path.basename(os.path.abspath(workdir)), dir=workdir,
       config=cfg.to_dict(), id=run_id, resume="allow",
-      settings=wandb.Settings(init_timeout=timeout))
+      settings=wandb.Settings(init_timeout=timeout, silent=mode == "offline"))
   with open(run_id_file, "w") as f:
     f.write(run.id)
   return run
