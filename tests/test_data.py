@@ -399,12 +399,12 @@ def test_score_boundary_targets_needs_attention_across_documents():
   from research import config as config_lib
   cfg = base.get_config()
   cfg.data.score_boundary_targets = True
-  with pytest.raises(config_lib.ConfigError, match="needs config.model.attend_across_segments"):
+  with pytest.raises(config_lib.ConfigError, match=r"needs config\.model\.attend_across_segments"):
     config_lib.validate_data(cfg)
   cfg.model.attend_across_segments = True
   config_lib.validate_data(cfg)
   cfg.data.positions = "sequence"
-  with pytest.raises(config_lib.ConfigError, match="config.data.positions='sequence'"):
+  with pytest.raises(config_lib.ConfigError, match=r"config\.data\.positions=.sequence."):
     config_lib.validate_data(cfg)
 
 

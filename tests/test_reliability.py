@@ -509,3 +509,15 @@ def test_wandb_offline_is_quiet_and_writes_its_files(tmp_path, capfd):
   out, err = capfd.readouterr()
   assert "wandb" not in (out + err).lower(), out + err
   assert [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
+
+
+def test_truncate_drops_steps_that_two_runs_both_logged(tmp_path):
+  cfg = base.get_config()
+  cfg.wandb.mode = "disabled"
+  writer = metrics_lib.MetricWriter(str(tmp_path), cfg, enabled=True)
+  for step in (1, 1, 2, 2, 3):  # two launches into one workdir, before the lock
+    writer.write(step, {"loss": float(step)})
+  writer.write(2, {"nll": 1.0}, kind="valid")
+  writer.truncate(2)
+  assert [(m["step"], m["kind"]) for m in read_metrics(tmp_path)] == [
+      (1, "train"), (2, "train"), (2, "valid")]
