@@ -90,7 +90,7 @@ def test_signal_during_setup_or_compilation_stops_cleanly(launcher, tmp_path):
   # or in the compilation of the first step.
   proc = launcher.start(workdir, RUN, env={"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cold")})
   deadline = time.monotonic() + 120
-  while not (workdir / "config.json").exists():  # written during set-up, before any compilation
+  while not (workdir / "config.json").exists():  # end of set-up, before the step compiles
     assert proc.poll() is None and time.monotonic() < deadline
     time.sleep(0.005)
   proc.send_signal(signal.SIGINT)
