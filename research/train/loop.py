@@ -49,6 +49,15 @@ RUN_DEFINING = ("seed", "data.seed", "model", "data.source", "data.train_files",
                 "data.text_key", "data.valid_fraction", "data.split_seed", "data.seq_len",
                 "data.tokenizer", "data.bpe_vocab_size", "train.batch_size")
 
+# Train keys that change the run from here on without making its checkpoints meaningless; a
+# resumed run names those that differ from the workdir's config.json.
+RUN_SHAPING = ("train.steps", "train.flop_budget", "train.lr", "train.schedule",
+               "train.warmup_fraction", "train.warmup_steps", "train.decay_fraction",
+               "train.min_lr_ratio", "train.b1", "train.b2", "train.eps", "train.weight_decay",
+               "train.grad_clip", "train.grad_accum", "train.nonfinite", "train.max_skipped",
+               "train.exit_loss", "train.exit_coeff", "train.exit_kd_coeff", "train.distill",
+               "data.positions", "data.score_boundary_targets", "data.skip_bad_records")
+
 
 @dataclasses.dataclass
 class Run:
@@ -84,16 +93,6 @@ def flops_per_step(cfg: mlc.ConfigDict) -> float:
   """Paper-convention FLOPs of one optimizer step (forward, flops.paper_flops_per_token)."""
   return (flops.paper_flops_per_token(cfg.model, cfg.data.seq_len)
           * cfg.train.batch_size * cfg.data.seq_len)
-
-
-# Train keys that change the run from here on without making its checkpoints meaningless; a
-# resumed run names those that differ from the workdir's config.json.
-RUN_SHAPING = ("train.steps", "train.flop_budget", "train.lr", "train.schedule",
-               "train.warmup_fraction", "train.warmup_steps", "train.decay_fraction",
-               "train.min_lr_ratio", "train.b1", "train.b2", "train.eps", "train.weight_decay",
-               "train.grad_clip", "train.grad_accum", "train.nonfinite", "train.max_skipped",
-               "train.exit_loss", "train.exit_coeff", "train.exit_kd_coeff", "train.distill",
-               "data.positions", "data.score_boundary_targets", "data.skip_bad_records")
 
 
 def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
