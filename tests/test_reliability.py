@@ -84,7 +84,7 @@ def test_sigterm_and_sigint_checkpoint_exit_0_and_resume_exactly(launcher, refer
   assert train_losses(r.metrics) == reference[1]
 
 
-def test_signal_during_setup_or_compilation_stops_cleanly(launcher, tmp_path):
+def test_signal_during_setup_or_compilation_stops_cleanly(launcher, reference, tmp_path):
   workdir = tmp_path / "run"
   # A cold compilation cache: the first step compiles for seconds, so the signal lands in set-up
   # or in the compilation of the first step.
@@ -98,6 +98,10 @@ def test_signal_during_setup_or_compilation_stops_cleanly(launcher, tmp_path):
   assert r.returncode == 0, r.stderr
   step = stop_line(r.stdout, "SIGINT")
   assert step <= 1 and checkpoint_steps(workdir) == [step]
+  # A step-0 checkpoint holds a packer with no leftover tokens, grain's (-1, -1) (issue 15 item 1).
+  r = launcher.run(workdir, RUN)
+  assert r.returncode == 0, r.stderr
+  assert train_losses(r.metrics) == reference[1]
 
 
 # --- 2. SIGKILL anywhere, a second signal -------------------------------------------------------
