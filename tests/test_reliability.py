@@ -525,3 +525,40 @@ def test_truncate_drops_steps_that_two_runs_both_logged(tmp_path):
   writer.truncate(2)
   assert [(m["step"], m["kind"]) for m in read_metrics(tmp_path)] == [
       (1, "train"), (2, "train"), (2, "valid")]
+
+
+def test_error_log_takes_the_tracebacks_of_native_callbacks(tmp_path, capfd):
+  """A tensorstore future that completes after orbax closed its event loop reports
+  "Event loop is closed" through sys.unraisablehook (dozens of tracebacks on a failed restore or
+  write, from any thread); checkpoint.ErrorLog sends them to its file."""
+  import asyncio
+  import threading
+
+  import tensorstore as ts
+
+  from research.train import checkpoint
+
+  def orphaned_future(in_thread: bool) -> None:
+    promise, future = ts.Promise.new()
+    loop = asyncio.new_event_loop()
+
+    async def wait():
+      return await future
+
+    task = loop.create_task(wait())
+    loop.run_until_complete(asyncio.sleep(0.01))
+    loop.close()
+    if in_thread:
+      setter = threading.Thread(target=promise.set_result, args=(1,))
+      setter.start()
+      setter.join()
+    else:
+      promise.set_result(1)
+    del task
+
+  with checkpoint.ErrorLog(str(tmp_path / "errors.log")) as log:
+    orphaned_future(in_thread=True)
+    orphaned_future(in_thread=False)
+  assert log.count == 2
+  assert (tmp_path / "errors.log").read_text().count("RuntimeError: Event loop is closed") == 2
+  assert "Event loop is closed" not in capfd.readouterr().err

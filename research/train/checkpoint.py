@@ -108,22 +108,24 @@ class ErrorLog:
   def __enter__(self) -> "ErrorLog":
     self._handler = logging.get_absl_handler()
     self._handler.addFilter(self._filter)
-    self._excepthook, self._threading_hook = sys.excepthook, threading.excepthook
-    sys.excepthook = self._excepthook_outside_main
-    threading.excepthook = lambda a: self.write("".join(
-        traceback.format_exception(a.exc_type, a.exc_value, a.exc_traceback)))
+    self._hooks = sys.excepthook, threading.excepthook, sys.unraisablehook
+    # Native callbacks (tensorstore futures completing after orbax closed their event loop)
+    # report their exceptions through these hooks. While the log is active, no exception reaches
+    # sys.excepthook uncaught: the `with` block is left before the interpreter reports one.
+    sys.excepthook = lambda kind, value, tb: self._write_exception(kind, value, tb)
+    threading.excepthook = lambda a: self._write_exception(a.exc_type, a.exc_value,
+                                                           a.exc_traceback)
+    sys.unraisablehook = lambda u: self._write_exception(
+        u.exc_type, u.exc_value, u.exc_traceback, f"{u.err_msg or 'Exception ignored in'}: "
+        f"{u.object!r}\n" if u.object is not None else "")
     return self
 
   def __exit__(self, *exc) -> None:
     self._handler.removeFilter(self._filter)
-    sys.excepthook, threading.excepthook = self._excepthook, self._threading_hook
+    sys.excepthook, threading.excepthook, sys.unraisablehook = self._hooks
 
-  def _excepthook_outside_main(self, kind, value, tb) -> None:
-    """Native callbacks (tensorstore) print exceptions of their threads through sys.excepthook."""
-    if threading.current_thread() is threading.main_thread():
-      self._excepthook(kind, value, tb)
-    else:
-      self.write("".join(traceback.format_exception(kind, value, tb)))
+  def _write_exception(self, kind, value, tb, header: str = "") -> None:
+    self.write(header + "".join(traceback.format_exception(kind, value, tb)))
 
 
 class _OrbaxTracebackFilter(pylogging.Filter):
