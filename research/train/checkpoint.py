@@ -101,7 +101,7 @@ class ErrorLog:
       with open(self.path, "a") as f:
         f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}\n{text.rstrip()}\n")
     except OSError as e:  # e.g. the full disk that made the checkpoint fail
-      if self.count == 1 or not self.unwritable:
+      if not self.unwritable:  # once
         os.write(2, f"warning: could not write a traceback to {self.path} ({e})\n".encode())
       self.unwritable = True
 
