@@ -124,6 +124,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.data.seed = -1  # seed of the training-document shuffle only (-1: follow config.seed)
   c.data.positions = "document"  # document: restart at 0 at each document | row: 0..T-1 (MoR code)
   c.data.score_boundary_targets = False  # True: score the target across a document boundary too
+  c.data.row_length = "T+1"  # tokens packed per row: T+1 (T targets) | T (MoR code: T-1 targets)
   c.data.skip_bad_records = False  # skip (and count) unreadable records instead of failing
 
   c.train = mlc.ConfigDict()

@@ -228,6 +228,7 @@ def validate_data(cfg: mlc.ConfigDict) -> None:
   _check(d.num_threads >= 1, "data.num_threads", d.num_threads, "must be >= 1")
   _check(d.seed >= -1, "data.seed", d.seed, "must be >= 0, or -1 to follow config.seed")
   _one_of(cfg, "data.positions", ("document", "row"))
+  _one_of(cfg, "data.row_length", ("T+1", "T"))
   if d.score_boundary_targets:
     _check(cfg.model.attend_across_segments, "data.score_boundary_targets", True,
            "scores the target after a document's end as the MoR code does, which attends "

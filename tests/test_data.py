@@ -424,3 +424,24 @@ def test_data_seed_sets_the_document_order_apart_from_the_init_seed(tok):
   np.testing.assert_array_equal(first_batch(7, -1), first_batch(3, 7))
   np.testing.assert_array_equal(first_batch(1, 4), first_batch(2, 4))
   assert not np.array_equal(first_batch(1, 4), first_batch(1, 5))
+
+
+def test_rows_of_t_tokens_leave_the_last_input_without_a_target(tok):
+  """data.row_length="T" (the MoR code): rows pack T tokens, so the stream advances T per row and
+  a padding column keeps batches T + 1 wide; the last input of a row has no target."""
+  from research.train import step
+
+  kwargs = dict(seq_len=16, batch_size=1, seed=5, shuffle=True, repeat=True)
+  wide = np.concatenate([b["tokens"][0] for b in batches(pipeline.make_dataset(
+      DOCS, tok, **kwargs), 4)])
+  rows = batches(pipeline.make_dataset(DOCS, tok, positions="row", score_boundary_targets=True,
+                                       row_length="T", **kwargs), 4)
+  assert all(b["tokens"].shape == (1, 17) for b in rows)
+  np.testing.assert_array_equal(np.concatenate([b["tokens"][0, :16] for b in rows]), wide[:64])
+  for b in rows:
+    assert b["segment_ids"][0, 16] == 0 and (b["segment_ids"][0, :16] == 1).all()
+    np.testing.assert_array_equal(b["positions"][0, :16], np.arange(16))
+    *_, mask = step.lm_inputs(b)
+    np.testing.assert_array_equal(np.asarray(mask)[0], np.arange(16) < 15)  # T - 1 targets
+  with pytest.raises(ValueError, match="row_length"):
+    pipeline.make_dataset(DOCS, tok, row_length="T+2", **kwargs)

@@ -45,6 +45,7 @@ class Tokenize(grain.transforms.Map):
 
 
 POSITIONS = ("document", "row")
+ROW_LENGTHS = ("T+1", "T")  # tokens packed per row: T inputs and T targets | T inputs, T-1 targets
 
 
 class ToBatch(grain.transforms.Map):
@@ -55,21 +56,26 @@ class ToBatch(grain.transforms.Map):
   scored too (with attention across documents, the model sees no other difference).
   """
 
-  def __init__(self, positions: str = "document", one_segment: bool = False):
+  def __init__(self, positions: str = "document", one_segment: bool = False,
+               pad_column: bool = False):
     if positions not in POSITIONS:
       raise ValueError(f"positions={positions!r}: expected one of {POSITIONS}")
-    self.positions, self.one_segment = positions, one_segment
+    self.positions, self.one_segment, self.pad_column = positions, one_segment, pad_column
 
   def map(self, packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    segments = packed["tokens_segment_ids"].astype(np.int32)
-    positions = packed["tokens_positions"].astype(np.int32)
+    batch = {"tokens": packed["tokens"].astype(np.int32),
+             "positions": packed["tokens_positions"].astype(np.int32),
+             "segment_ids": packed["tokens_segment_ids"].astype(np.int32)}
+    if self.pad_column:  # rows of T tokens: a padding column makes them T + 1 wide
+      batch = {k: np.concatenate([v, np.zeros((*v.shape[:-1], 1), np.int32)], axis=-1)
+               for k, v in batch.items()}
+    segments = batch["segment_ids"]
     if self.positions == "row":
       positions = np.broadcast_to(np.arange(segments.shape[-1], dtype=np.int32), segments.shape)
-      positions = np.where(segments != 0, positions, 0).astype(np.int32)
+      batch["positions"] = np.where(segments != 0, positions, 0).astype(np.int32)
     if self.one_segment:
-      segments = (segments != 0).astype(np.int32)
-    return {"tokens": packed["tokens"].astype(np.int32), "positions": positions,
-            "segment_ids": segments}
+      batch["segment_ids"] = (segments != 0).astype(np.int32)
+    return batch
 
 
 def to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -168,6 +174,7 @@ def make_dataset(
   skip_bad_records: bool = False,
   positions: str = "document",
   score_boundary_targets: bool = False,
+  row_length: str = "T+1",
   drop_remainder: bool = True,
 ) -> grain.IterDataset:
   """Packed LM batches of this host's shard of `docs`; `iter()` gives a checkpointable iterator
@@ -176,7 +183,8 @@ def make_dataset(
   worker_count > 0 runs the pipeline in grain worker processes: absl flags must be parsed (as under
   absl.app.run) and the caller needs an `if __name__ == "__main__":` guard. `skip_bad_records`
   drops the documents a reader gives as None (readers.open_documents with skip_bad).
-  `positions` and `score_boundary_targets` (docs/data.md): see ToBatch. `drop_remainder=False`
+  `positions`, `score_boundary_targets` and `row_length` (docs/data.md): see ToBatch; batches
+  are [batch_size, seq_len + 1] either way. `drop_remainder=False`
   (with repeat=False) keeps the last, smaller batch.
   """
   ds = grain.MapDataset.source(docs)
@@ -189,9 +197,12 @@ def make_dataset(
     ds = ds.filter(is_document)
   ds = ds.map(Tokenize(tok))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
-  it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len + 1})
+  if row_length not in ROW_LENGTHS:
+    raise ValueError(f"row_length={row_length!r}: expected one of {ROW_LENGTHS}")
+  row = seq_len + 1 if row_length == "T+1" else seq_len
+  it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": row})
   it = it.batch(batch_size, drop_remainder=drop_remainder).map(
-      ToBatch(positions, one_segment=score_boundary_targets))
+      ToBatch(positions, one_segment=score_boundary_targets, pad_column=row_length == "T"))
   if worker_count > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return TypedStateIterDataset(it)

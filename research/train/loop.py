@@ -56,7 +56,8 @@ RUN_SHAPING = ("train.steps", "train.flop_budget", "train.lr", "train.schedule",
                "train.min_lr_ratio", "train.b1", "train.b2", "train.eps", "train.weight_decay",
                "train.grad_clip", "train.grad_accum", "train.nonfinite", "train.max_skipped",
                "train.exit_loss", "train.exit_coeff", "train.exit_kd_coeff", "train.distill",
-               "data.positions", "data.score_boundary_targets", "data.skip_bad_records")
+               "data.positions", "data.score_boundary_targets", "data.row_length",
+               "data.skip_bad_records")
 
 
 @dataclasses.dataclass
@@ -203,7 +204,7 @@ def make_iterator(run: Run, docs, *, train: bool, repeat: bool = True):
       process_count=jax.process_count(), num_threads=cfg.data.num_threads,
       prefetch=cfg.data.prefetch, worker_count=cfg.data.worker_count if train else 0,
       skip_bad_records=cfg.data.skip_bad_records, positions=cfg.data.positions,
-      score_boundary_targets=cfg.data.score_boundary_targets)
+      score_boundary_targets=cfg.data.score_boundary_targets, row_length=cfg.data.row_length)
   return iter(ds)
 
 
@@ -230,13 +231,14 @@ def next_batch(data_iter, where: str):
 
 
 def valid_batches(run: Run) -> int:
-  """How many full validation batches one pass over the validation split holds (process 0's
-  shard; packing leaves no gaps, so it is tokens // ((T + 1) * micro-batch))."""
+  """How many full validation batches one pass over the validation split holds (this process's
+  shard; packing leaves no gaps, so it is tokens // (tokens per row * micro-batch))."""
   cfg = run.cfg
   micro = cfg.train.batch_size // cfg.train.grad_accum // jax.process_count()
   shard = readers.Subset(run.valid_docs, np.arange(len(run.valid_docs))[
       jax.process_index()::jax.process_count()])
-  return pipeline.count_tokens(shard, run.tokenizer) // ((cfg.data.seq_len + 1) * micro)
+  row = cfg.data.seq_len + (1 if cfg.data.row_length == "T+1" else 0)
+  return pipeline.count_tokens(shard, run.tokenizer) // (row * micro)
 
 
 def check_eval_batches(run: Run) -> None:
