@@ -53,5 +53,5 @@ def test_minus_one_scores_every_target_of_the_split_once(run):
   assert loop.evaluate(run, count_step, None)["batches"] == fit
   run.cfg.train.eval_batches = fit + 1
   with pytest.raises(config_lib.ConfigError, match=rf"eval_batches={fit + 1}: the validation "
-                     rf"split \(30 documents\) holds only {fit} batches"):
+                     rf"split \(30 documents\) holds only {fit} batches of 4 rows"):
     loop.check_eval_batches(run)

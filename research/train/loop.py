@@ -251,8 +251,8 @@ def check_eval_batches(run: Run) -> None:
   if n > fit:
     raise config_lib.ConfigError(
         f"config.train.eval_batches={n}: the validation split ({len(run.valid_docs)} documents) "
-        f"holds only {fit} batches of {run.cfg.train.batch_size // run.cfg.train.grad_accum} x "
-        f"{run.cfg.data.seq_len + 1} tokens, so batches would be scored twice; use at most "
+        f"holds only {fit} batches of {run.cfg.train.batch_size // run.cfg.train.grad_accum} "
+        f"rows, so batches would be scored twice; use at most "
         f"{fit}, or -1 for the whole split once")
 
 
