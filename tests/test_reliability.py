@@ -346,12 +346,24 @@ def test_refused_checkpoints_are_left_alone(bad_input_results, reference):
 
 
 def test_emptied_checkpoints_start_over_only_when_told(launcher, bad_input_results):
+  """Also the start-up lines: the step count a FLOP budget gave (6.7 steps' worth: 6, floored)
+  and the line before the first step compiles."""
+  from configs import vanilla
+  from research.train import loop
+  from tests.launch_util import TINY
+
   workdir, _, _ = bad_input_results["checkpoints emptied"]
   assert max(train_losses(read_metrics(workdir))) == 60  # the refused run dropped nothing
-  r = launcher.run(workdir, dict(RUN, **{"train.steps": 6, "train.start_over": True}))
+  cfg = vanilla.get_config("tiny")
+  cfg.model.update({k.split(".")[1]: v for k, v in TINY.items() if k.startswith("model.")})
+  cfg.data.seq_len, cfg.train.batch_size = TINY["data.seq_len"], TINY["train.batch_size"]
+  budget = 6.7 * loop.flops_per_step(cfg)
+  r = launcher.run(workdir, dict(RUN, **{"train.flop_budget": budget, "train.start_over": True}))
   assert r.returncode == 0, r.stderr
   assert "starts again from step 0" in r.stderr
   assert sorted(train_losses(r.metrics)) == list(range(1, 7))
+  assert f"config.train.flop_budget={budget:g}: 6 steps of " in r.stderr, r.stderr
+  assert "compiling the training step (step 1 of 6 follows) ..." in r.stderr
 
 
 def test_bad_data_records_can_be_skipped_and_counted(launcher, bad_input_results):
