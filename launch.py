@@ -1,6 +1,7 @@
 """The only entry point: train, resume, evaluate or sample from a model described by a config file.
 
   python launch.py --config=configs/vanilla.py:tiny --workdir=runs/tiny [--config.key=value ...]
+  ... --print_config            list every config key with its value and comment, then exit
   ... --config.mode=eval        validation NLL of the workdir's newest checkpoint
   ... --config.mode=generate    continue config.generate.prompt with it (docs/inference.md)
 
@@ -9,13 +10,16 @@ one-line "error: ..." for a bad config, data or checkpoint, or a non-finite stop
 second signal aborted it.
 """
 
+import os
+import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from configs import base
 from research import config as config_lib
-from research import sweep
+from research import config_doc, sweep
 from research.infer import generate
 from research.train import checkpoint, loop, mesh
 
@@ -28,14 +32,67 @@ flags.DEFINE_bool("sweep_list", False, "Print the sweep's cells with their statu
 flags.DEFINE_enum("sweep_emit", None, ["slurm", "shell"],
                   "Write <workdir>/sweep.slurm (a job array) or sweep.sh that run the cells.")
 flags.DEFINE_bool("report", False, "Collect the sweep's results into <workdir>/results.*.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_bool("print_config", False,
+                  "Print every key of --config (with overrides) with its value and its comment "
+                  "from configs/base.py, then exit.")
+flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
+HELP = ("-h", "--help", "-help", "--helpshort", "-?")
+
+
+def print_help() -> None:
+  print(__doc__.strip())
+  print("\nKeys: every --config.<key> is listed, with its value and comment, by\n"
+        "  python launch.py --config=configs/vanilla.py:tiny --print_config\n\nFlags:")
+  print(FLAGS.module_help(sys.modules[__name__]) or FLAGS.main_module_help())
+
+
+def _config_spec(argv: list[str]) -> str | None:
+  """The value of --config in `argv` (either --config=X or --config X)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _type_name(key: str) -> str | None:
+  """The type of config.<key>'s default in configs/base.py, if it has one."""
+  value = config_doc.flatten(base.get_config()).get(key)
+  return None if value is None else type(value).__name__
+
+
+def flag_error(message: str, argv: list[str]) -> str:
+  """absl's flag error as one `error:` line naming the key (or the config file)."""
+  first = message.strip().splitlines()[0] if message.strip() else message
+  m = re.match(r"flag --config\.([\w.]+)=(.*?): (.*)$", first)
+  if m:
+    key, value, why = m.groups()
+    expected = _type_name(key)
+    kind = f"not a valid {expected} value" if expected else "invalid value"
+    return f"error: config.{key}={value!r}: {kind} ({why})"
+  if first.startswith("flag --config="):  # the config file raised: its last line says why
+    last = [line for line in message.strip().splitlines() if line.strip()][-1].strip()
+    why = re.sub(r"^\w+(Error|Exception): ", "", last)
+    why = re.sub(r" in --config=\.\.\.:\S+?;", ";", why)
+    return f"error: --config={_config_spec(argv)}: {why}"
+  return f"error: {first}"
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, with a one-line error for an unknown --config.<key> or config file."""
+  """absl's parser, with `--help` (exit 0) and one-line errors for an unknown or mistyped
+  --config.<key>, a missing config file or a failing preset."""
+  if any(arg in HELP for arg in argv[1:]):
+    print_help()
+    sys.exit(0)
+  spec = _config_spec(argv)
+  if spec is not None and not os.path.isfile(spec.split(":", 1)[0]):
+    sys.exit(f"error: --config={spec}: no such file")
   try:
-    return app.parse_flags_with_usage(argv)
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(flag_error(str(e), argv))
   except (AttributeError, KeyError) as e:  # ml_collections: no such field
     while e.args and isinstance(e.args[0], Exception):
       e = e.args[0]
@@ -54,6 +111,11 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cfg = FLAGS.config
+  if FLAGS.print_config:
+    print(config_doc.describe(cfg))
+    return
+  if not FLAGS.workdir:
+    sys.exit("error: --workdir: required (the directory for checkpoints, metrics and caches)")
   try:
     config_lib.validate(cfg)
   except config_lib.ConfigError as e:
@@ -73,7 +135,8 @@ def main(argv: list[str]) -> None:
       generate.generate_from_checkpoint(cfg, FLAGS.workdir)
     elif loop.train(cfg, FLAGS.workdir)["status"] == "nonfinite":
       sys.exit(1)
-  except (config_lib.ConfigError, checkpoint.NonFiniteStateError) as e:
+  except (config_lib.ConfigError, checkpoint.NonFiniteStateError,
+          checkpoint.CheckpointWriteError) as e:
     sys.exit(f"error: {e}")
 
 

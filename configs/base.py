@@ -10,7 +10,7 @@ import ml_collections as mlc
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   del arg  # presets are applied by the experiment files (configs/presets.py)
   c = mlc.ConfigDict()
-  c.seed = 0  # model init, dropout-free training RNG and data shuffle all derive from it
+  c.seed = 0  # model init and training RNG (and the data shuffle unless data.seed is set)
   c.mode = "train"  # train | eval (validation NLL) | generate (continue generate.prompt)
   c.allow_config_change = False  # resume a workdir whose saved config differs in model/data keys
 
@@ -125,6 +125,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.data.num_threads = 2  # grain read threads
   c.data.prefetch = 8  # grain prefetch buffer (batches)
   c.data.worker_count = 0  # grain multiprocessing workers (0: in-process)
+  c.data.seed = -1  # seed of the training-document shuffle only (-1: follow config.seed)
+  c.data.positions = "document"  # document: restart at 0 at each document | row: 0..T-1 (MoR code)
+  c.data.score_boundary_targets = False  # True: score the target across a document boundary too
+  c.data.row_length = "T+1"  # tokens packed per row: T+1 (T targets) | T (MoR code: T-1 targets)
+  c.data.skip_bad_records = False  # skip (and count) unreadable records instead of failing
 
   c.train = mlc.ConfigDict()
   c.train.steps = 1000  # optimizer steps (ignored when flop_budget > 0)
@@ -144,7 +149,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.train.grad_clip = 1.0  # global-norm clipping (0: off)
   c.train.log_every = 10  # steps between metric lines (metrics.jsonl, wandb, progress bar)
   c.train.eval_every = 200  # steps between validation passes (0: only at the end)
-  c.train.eval_batches = 8  # validation batches per pass (fixed, same every time)
+  c.train.eval_batches = 8  # validation batches per pass (fixed, same every time; -1: whole split)
   c.train.nonfinite = "stop"  # stop (checkpoint last good state) | skip (drop update)
   c.train.max_skipped = 10  # with nonfinite=skip: stop after this many consecutive skipped steps
   c.train.exit_loss = "final"  # with early_exit: final | weighted (e / sum j) | aggressive (RRT)
@@ -154,6 +159,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.train.distill.coeff = 0.0  # lambda of KL(p_teacher || p_student) added to the loss (0: off)
   c.train.distill.teacher = ""  # HF Llama dir or .gguf ("": config.model.init_from, untied)
   c.train.progress = True  # show a progress bar on process 0
+  c.train.start_over = False  # a workdir whose checkpoints are gone: train again from step 0
 
   c.checkpoint = mlc.ConfigDict()
   c.checkpoint.every = 100  # steps between checkpoints (0: only at the end and on signals)

@@ -229,6 +229,13 @@ def validate_data(cfg: mlc.ConfigDict) -> None:
     _check(os.path.isfile(path), "data.tokenizer", d.tokenizer,
            "must be 'bpe', a tokenizer.json file, or a directory holding one")
   _check(d.num_threads >= 1, "data.num_threads", d.num_threads, "must be >= 1")
+  _check(d.seed >= -1, "data.seed", d.seed, "must be >= 0, or -1 to follow config.seed")
+  _one_of(cfg, "data.positions", ("document", "row"))
+  _one_of(cfg, "data.row_length", ("T+1", "T"))
+  if d.score_boundary_targets:
+    _check(cfg.model.attend_across_segments, "data.score_boundary_targets", True,
+           "scores the target after a document's end as the MoR code does, which attends "
+           "across documents: needs config.model.attend_across_segments=True")
   _check(d.worker_count >= 0, "data.worker_count", d.worker_count, "must be >= 0")
 
 
@@ -236,8 +243,10 @@ def validate_train(cfg: mlc.ConfigDict) -> None:
   t = cfg.train
   _check(t.steps > 0 or t.flop_budget > 0, "train.steps", t.steps,
          "must be > 0 (or set config.train.flop_budget)")
-  for key in ("batch_size", "grad_accum", "lr", "log_every", "eval_batches"):
+  for key in ("batch_size", "grad_accum", "lr", "log_every"):
     _positive(cfg, f"train.{key}")
+  _check(t.eval_batches > 0 or t.eval_batches == -1, "train.eval_batches", t.eval_batches,
+         "must be > 0, or -1 for the whole validation split once")
   _check(t.batch_size % t.grad_accum == 0, "train.grad_accum", t.grad_accum,
          f"must divide config.train.batch_size={t.batch_size}")
   _one_of(cfg, "train.schedule", ("wsd", "cosine", "constant"))

@@ -44,10 +44,12 @@ class Launcher:
     self.shared_dir = os.fspath(shared_dir)
     self.config = config
 
-  def command(self, workdir: str | os.PathLike, overrides: dict | None = None) -> list[str]:
+  def command(self, workdir: str | os.PathLike, overrides: dict | None = None, *,
+              config: str | None = None) -> list[str]:
+    """The launch.py command line (`config`: another --config than the launcher's)."""
     flags = dict(TINY, **{"data.cache_dir": os.path.join(self.shared_dir, "data")})
     flags.update(overrides or {})
-    return [sys.executable, os.path.join(REPO, "launch.py"), f"--config={self.config}",
+    return [sys.executable, os.path.join(REPO, "launch.py"), f"--config={config or self.config}",
             f"--workdir={os.fspath(workdir)}", *(f"--config.{k}={v}" for k, v in flags.items())]
 
   def env(self, extra: dict | None = None) -> dict[str, str]:
@@ -64,9 +66,10 @@ class Launcher:
     return env
 
   def run(self, workdir: str | os.PathLike, overrides: dict | None = None, *,
-          env: dict | None = None, timeout: float = 300) -> Result:
+          env: dict | None = None, timeout: float = 300, config: str | None = None) -> Result:
     """Runs to completion and returns the exit status, output and metrics."""
-    p = subprocess.run(self.command(workdir, overrides), cwd=REPO, env=self.env(env),
+    p = subprocess.run(self.command(workdir, overrides, config=config), cwd=REPO,
+                       env=self.env(env),
                        capture_output=True, text=True, timeout=timeout, check=False)
     return Result(p.returncode, p.stdout, p.stderr, read_metrics(workdir))
 

@@ -3,6 +3,7 @@
 import glob
 import importlib
 import os
+import re
 import subprocess
 import sys
 import time
@@ -87,3 +88,46 @@ def test_launcher_refuses_mistyped_key(tmp_path):
                        "--config.model.num_head=4")
   assert proc.returncode != 0
   assert "num_head" in proc.stderr and "num_heads" in proc.stderr  # "Did you mean"
+
+
+def test_a_flop_budget_gives_the_whole_steps_that_fit():
+  """Issue 15 item 17: the docs say the step count floors; 1.81e13 FLOPs at 15.1e9 per step
+  (tiny shape, 15 layers, 8 x 256 tokens) is 1198.7 steps: 1198, not the rounded 1199."""
+  from configs import vanilla
+  from research.train import loop
+  c = vanilla.get_config("tiny")
+  c.model.num_layers, c.data.seq_len, c.train.batch_size = 15, 256, 8
+  c.train.flop_budget = 1.81e13
+  assert loop.flops_per_step(c) == 15099494400.0
+  assert loop.total_steps(c) == 1198
+
+
+def test_help_exits_0_and_print_config_lists_every_knob():
+  proc, _ = run_launch("--help")
+  assert proc.returncode == 0, proc.stderr
+  assert "--print_config" in proc.stdout and "--config.mode=eval" in proc.stdout
+  proc, _ = run_launch("--config=configs/mor.py:tiny", "--config.train.lr=0.01", "--print_config")
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.splitlines()
+  from configs import mor
+  from research import config_doc
+  assert len(lines) == len(config_doc.flatten(mor.get_config("tiny")))
+  assert re.search(r"^train\.lr = 0\.01 +# peak learning rate$", proc.stdout, re.M)
+  assert re.search(r"^model\.mor\.kind = 'expert' +# none \| expert", proc.stdout, re.M)
+  uncommented = {k for k, c in config_doc.base_comments().items() if not c}
+  assert {line.split(" = ")[0] for line in lines if "  # " not in line} == uncommented
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--config=configs/mor.py:huge",), "error: --config=configs/mor.py:huge: unknown preset "
+     "'huge'; choose one of tiny, small, 135m, 360m"),
+    (("--config=configs/nope.py",), "error: --config=configs/nope.py: no such file"),
+    (("--config=configs/vanilla.py:tiny", "--config.train.lr=fast"),
+     "error: config.train.lr='fast': not a valid float value"),
+])
+def test_launcher_errors_before_any_work_are_one_line(tmp_path, args, needle):
+  proc, _ = run_launch(*args, f"--workdir={tmp_path / 'w'}")
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [proc.stderr.strip().splitlines()[-1]], proc.stderr
+  assert proc.stderr.strip().startswith(needle), proc.stderr
+  assert not (tmp_path / "w").exists()

@@ -5,12 +5,14 @@ uninterrupted run.
 """
 
 import concurrent.futures
+import errno
 import json
 import os
 import random
 import re
 import shutil
 import signal
+import socket
 import time
 
 import pytest
@@ -82,13 +84,13 @@ def test_sigterm_and_sigint_checkpoint_exit_0_and_resume_exactly(launcher, refer
   assert train_losses(r.metrics) == reference[1]
 
 
-def test_signal_during_setup_or_compilation_stops_cleanly(launcher, tmp_path):
+def test_signal_during_setup_or_compilation_stops_cleanly(launcher, reference, tmp_path):
   workdir = tmp_path / "run"
   # A cold compilation cache: the first step compiles for seconds, so the signal lands in set-up
   # or in the compilation of the first step.
   proc = launcher.start(workdir, RUN, env={"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cold")})
   deadline = time.monotonic() + 120
-  while not (workdir / "config.json").exists():  # written during set-up, before any compilation
+  while not (workdir / "config.json").exists():  # end of set-up, before the step compiles
     assert proc.poll() is None and time.monotonic() < deadline
     time.sleep(0.005)
   proc.send_signal(signal.SIGINT)
@@ -96,6 +98,10 @@ def test_signal_during_setup_or_compilation_stops_cleanly(launcher, tmp_path):
   assert r.returncode == 0, r.stderr
   step = stop_line(r.stdout, "SIGINT")
   assert step <= 1 and checkpoint_steps(workdir) == [step]
+  # A step-0 checkpoint holds a packer with no leftover tokens, grain's (-1, -1) (issue 15 item 1).
+  r = launcher.run(workdir, RUN)
+  assert r.returncode == 0, r.stderr
+  assert train_losses(r.metrics) == reference[1]
 
 
 # --- 2. SIGKILL anywhere, a second signal -------------------------------------------------------
@@ -159,9 +165,14 @@ def test_corrupted_checkpoints_are_skipped_named_and_moved_aside(launcher, refer
   shutil.copytree(ckpt / "36", ckpt / f"66{TMP_SUFFIX}")  # an unfinished write
   r = launcher.run(workdir, RUN)
   assert r.returncode == 0, r.stderr
+  log = workdir / "errors.log"
   for step in (60, 54, 48, 42):
     assert f"checkpoint {ckpt / str(step)} is unreadable and was skipped" in r.stderr
     assert any(d.startswith(f"{step}.unreadable-") for d in os.listdir(ckpt))
+    assert f"checkpoint {ckpt / str(step)} is unreadable:\nTraceback" in log.read_text()
+  skipped = [line for line in r.stderr.splitlines() if "is unreadable and was skipped" in line]
+  assert len(skipped) == 4 and all(f"traceback in {log}" in line for line in skipped)
+  assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) <= 10, r.stderr
   assert "checksum" in r.stderr
   assert f"removing {ckpt / f'66{TMP_SUFFIX}'}: a checkpoint write that did not finish" in r.stderr
   assert not tmp_dirs(workdir)
@@ -230,13 +241,18 @@ def test_an_overflowing_update_is_never_checkpointed(launcher, tmp_path):
 BAD_INPUTS = ["mistyped key", "heads vs dims", "sharing vs depth", "capacities",
               "mesh vs devices", "missing data", "empty data", "missing restore_from",
               "restore_from not a step", "tokenizer mismatch", "workdir config changed",
-              "changed and allowed", "no loadable checkpoint"]
+              "changed and allowed", "no loadable checkpoint", "checkpoints emptied",
+              "unknown preset", "missing config file", "workdir is a file", "wrong-type override",
+              "bad record mid-file"]
 COPIES = ("workdir config changed", "changed and allowed", "no loadable checkpoint")  # of reference
 
 
 def bad_inputs(tmp, ref_dir) -> dict[str, tuple[dict, str]]:
   """name -> (overrides, the text the one-line error must hold)."""
   (tmp / "empty.jsonl").write_text("")
+  good = [json.dumps({"text": f"document {i} " * 20}) for i in range(40)]
+  (tmp / "good.jsonl").write_text("\n".join(good) + "\n")
+  (tmp / "bad.jsonl").write_text("\n".join([*good[:2], '{"text": "cut', *good]) + "\n")
   changed = dict(RUN, **{"model.d_ff": 128})
   return {
       "mistyped key": ({"model.num_head": 2}, '--config.model.num_head: no such config key. '
@@ -268,6 +284,19 @@ def bad_inputs(tmp, ref_dir) -> dict[str, tuple[dict, str]]:
       "changed and allowed": ({**changed, "allow_config_change": True},
                               "holds another model than the config builds"),
       "no loadable checkpoint": (RUN, "could be loaded (each is named in a warning above)"),
+      "checkpoints emptied": (RUN, f"--workdir={tmp / 'checkpoints emptied'}: its checkpoints "
+                              "are gone"),
+      "unknown preset": ({"config_spec": "configs/mor.py:huge"},
+                         "--config=configs/mor.py:huge: unknown preset 'huge'"),
+      "missing config file": ({"config_spec": "configs/nope.py"},
+                              "--config=configs/nope.py: no such file"),
+      "workdir is a file": ({}, f"--workdir={tmp / 'workdir is a file'}: is a file, not a "
+                            "directory"),
+      "wrong-type override": ({"train.steps": "ten"},
+                              "error: config.train.steps='ten': "),
+      "bad record mid-file": ({"data.source": "jsonl", "data.train_files": str(tmp / "bad.jsonl"),
+                               "data.valid_files": str(tmp / "good.jsonl")},
+                              f"{tmp / 'bad.jsonl'} line 3: not a JSON line"),
   }
 
 
@@ -282,9 +311,14 @@ def bad_input_results(launcher, reference, tmp_path_factory) -> dict:
   broken = tmp / "no loadable checkpoint" / "checkpoints"
   for step in checkpoint_steps(broken.parent):
     (broken / str(step) / "meta" / "metadata").write_text("")
+  shutil.copytree(reference[0], tmp / "checkpoints emptied")
+  for step in checkpoint_steps(tmp / "checkpoints emptied"):
+    shutil.rmtree(tmp / "checkpoints emptied" / "checkpoints" / str(step))
+  (tmp / "workdir is a file").write_text("")
 
   def run(name):
-    return launcher.run(tmp / name, cases[name][0])
+    overrides = dict(cases[name][0])
+    return launcher.run(tmp / name, overrides, config=overrides.pop("config_spec", None))
 
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
     results = dict(zip(cases, pool.map(run, cases), strict=True))
@@ -301,11 +335,117 @@ def test_bad_input_fails_fast_with_one_clear_line(name, bad_input_results):
   assert name in COPIES or not checkpoint_steps(workdir)
 
 
-def test_refused_checkpoints_are_left_alone(bad_input_results):
+def test_refused_checkpoints_are_left_alone(bad_input_results, reference):
+  saved_config = (reference[0] / "config.json").read_text()
   for name in COPIES:
     workdir, _, _ = bad_input_results[name]
     assert checkpoint_steps(workdir) == [36, 42, 48, 54, 60]
     assert not [d for d in os.listdir(workdir / "checkpoints") if "unreadable" in d]
+    assert (workdir / "config.json").read_text() == saved_config  # a refused run writes nothing
+    assert not (workdir / "lock").exists()
+
+
+def test_emptied_checkpoints_start_over_only_when_told(launcher, bad_input_results):
+  """Also the start-up lines: the step count a FLOP budget gave (6.7 steps' worth: 6, floored)
+  and the line before the first step compiles."""
+  from configs import vanilla
+  from research.train import loop
+  from tests.launch_util import TINY
+
+  workdir, _, _ = bad_input_results["checkpoints emptied"]
+  assert max(train_losses(read_metrics(workdir))) == 60  # the refused run dropped nothing
+  cfg = vanilla.get_config("tiny")
+  cfg.model.update({k.split(".")[1]: v for k, v in TINY.items() if k.startswith("model.")})
+  cfg.data.seq_len, cfg.train.batch_size = TINY["data.seq_len"], TINY["train.batch_size"]
+  budget = 6.7 * loop.flops_per_step(cfg)
+  r = launcher.run(workdir, dict(RUN, **{"train.flop_budget": budget, "train.start_over": True}))
+  assert r.returncode == 0, r.stderr
+  assert "starts again from step 0" in r.stderr
+  assert sorted(train_losses(r.metrics)) == list(range(1, 7))
+  assert f"config.train.flop_budget={budget:g}: 6 steps of " in r.stderr, r.stderr
+  assert "compiling the training step (step 1 of 6 follows) ..." in r.stderr
+
+
+def test_bad_data_records_can_be_skipped_and_counted(launcher, bad_input_results):
+  workdir, _, _ = bad_input_results["bad record mid-file"]
+  bad = workdir.parent / "bad.jsonl"
+  r = launcher.run(workdir, {"data.source": "jsonl", "data.train_files": str(bad),
+                             "data.valid_files": str(workdir.parent / "good.jsonl"),
+                             "data.skip_bad_records": True, "train.steps": 30})
+  assert r.returncode == 0, r.stderr
+  train = [m for m in r.metrics if m["kind"] == "train"]
+  assert train[-1]["bad_records"] >= 1  # the cut-off line, met once per epoch
+  assert f"skipping {bad} line 3" in r.stderr
+
+
+# --- 5b. the workdir lock, changed schedule keys ------------------------------------------------
+
+
+def test_a_second_launch_is_refused_and_a_stale_lock_taken_over(launcher, tmp_path):
+  workdir = tmp_path / "run"
+  long_run = {"train.steps": 100_000, "checkpoint.every": 3, "checkpoint.keep": 2}
+  first = launcher.start(workdir, long_run)
+  try:
+    wait_for_step(first, workdir, 10)
+    second = launcher.run(workdir, long_run)
+    assert second.returncode == 1
+    last = second.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --workdir={workdir}: in use by process {first.pid} on host "
+                           f"{socket.gethostname()}"), second.stderr
+    assert "Traceback" not in second.stderr and "removing" not in second.stderr
+    assert first.poll() is None  # untouched: its in-flight checkpoint writes were not deleted
+  finally:
+    first.kill()
+    first.wait()
+  resume_at = max(checkpoint_steps(workdir))
+  r = launcher.run(workdir, dict(long_run, **{"train.steps": resume_at + 3, "train.lr": 0.002}))
+  assert r.returncode == 0, r.stderr
+  assert f"took over the lock {workdir / 'lock'} of process {first.pid}" in r.stderr
+  assert (f"resuming {workdir} at step {resume_at} with changed run-shaping keys: "
+          "train.lr: 0.003 -> 0.002; train.steps: 100000 -> " in r.stderr), r.stderr
+  assert sorted(train_losses(r.metrics)) == list(range(1, resume_at + 4))  # no step twice
+  assert not (workdir / "lock").exists()
+
+
+# --- 5c. a full disk ----------------------------------------------------------------------------
+
+
+def test_a_full_disk_stops_the_run_at_the_failed_save(launcher, tmp_path, monkeypatch):
+  """ENOSPC from the data-iterator write of the third checkpoint (a real full disk also fails
+  tensorstore's array writes; checked by hand on a 3 MB tmpfs, docs/reliability.md)."""
+  import grain
+
+  from configs import vanilla
+  from research.train import checkpoint, loop
+  from tests.launch_util import TINY
+
+  calls = []
+  original = grain.checkpoint.CheckpointHandler.save
+
+  def save(self, directory, *args, **kwargs):
+    calls.append(directory)
+    if len(calls) == 3:
+      raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+    return original(self, directory, *args, **kwargs)
+
+  monkeypatch.setattr(grain.checkpoint.CheckpointHandler, "save", save)
+  cfg = vanilla.get_config("tiny")
+  for key, value in dict(TINY, **{"train.steps": 60, "checkpoint.every": 10,
+                                 "data.cache_dir": os.path.join(launcher.shared_dir, "data")}
+                         ).items():
+    section, _, name = key.rpartition(".")
+    (cfg[section] if section else cfg)[name] = value
+  workdir = tmp_path / "run"
+  with pytest.raises(checkpoint.CheckpointWriteError) as failure:
+    loop.train(cfg, str(workdir))
+  message = str(failure.value)
+  assert "\n" not in message
+  assert message.startswith(f"{workdir / 'checkpoints' / '30'}: the checkpoint of step 30 could "
+                            "not be written: no space left on device; the complete checkpoints "
+                            "(newest: step 20) are intact"), message
+  assert checkpoint_steps(workdir) == [10, 20]
+  assert max(train_losses(read_metrics(workdir))) < 40  # stopped before the next save
+  assert not (workdir / "lock").exists()
 
 
 # --- 6. W&B -------------------------------------------------------------------------------------
@@ -374,3 +514,63 @@ def test_truncate_keeps_the_records_up_to_the_checkpoint(tmp_path):
   assert [(m["step"], m["kind"]) for m in read_metrics(tmp_path)] == [
       (1, "train"), (2, "train"), (3, "train"), (4, "train"), (4, "valid")]
   assert read_metrics(tmp_path)[-1]["nll"] == 0.5
+
+
+def test_wandb_offline_is_quiet_and_writes_its_files(tmp_path, capfd):
+  cfg = base.get_config()
+  cfg.wandb.mode = "offline"
+  writer = metrics_lib.MetricWriter(str(tmp_path), cfg, enabled=True)
+  writer.write(1, {"loss": 2.5})
+  writer.close()
+  out, err = capfd.readouterr()
+  assert "wandb" not in (out + err).lower(), out + err
+  assert [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
+
+
+def test_truncate_drops_steps_that_two_runs_both_logged(tmp_path):
+  cfg = base.get_config()
+  cfg.wandb.mode = "disabled"
+  writer = metrics_lib.MetricWriter(str(tmp_path), cfg, enabled=True)
+  for step in (1, 1, 2, 2, 3):  # two launches into one workdir, before the lock
+    writer.write(step, {"loss": float(step)})
+  writer.write(2, {"nll": 1.0}, kind="valid")
+  writer.truncate(2)
+  assert [(m["step"], m["kind"]) for m in read_metrics(tmp_path)] == [
+      (1, "train"), (2, "train"), (2, "valid")]
+
+
+def test_error_log_takes_the_tracebacks_of_native_callbacks(tmp_path, capfd):
+  """A tensorstore future that completes after orbax closed its event loop reports
+  "Event loop is closed" through sys.unraisablehook (dozens of tracebacks on a failed restore or
+  write, from any thread); checkpoint.ErrorLog sends them to its file."""
+  import asyncio
+  import threading
+
+  import tensorstore as ts
+
+  from research.train import checkpoint
+
+  def orphaned_future(in_thread: bool) -> None:
+    promise, future = ts.Promise.new()
+    loop = asyncio.new_event_loop()
+
+    async def wait():
+      return await future
+
+    task = loop.create_task(wait())
+    loop.run_until_complete(asyncio.sleep(0.01))
+    loop.close()
+    if in_thread:
+      setter = threading.Thread(target=promise.set_result, args=(1,))
+      setter.start()
+      setter.join()
+    else:
+      promise.set_result(1)
+    del task
+
+  with checkpoint.ErrorLog(str(tmp_path / "errors.log")) as log:
+    orphaned_future(in_thread=True)
+    orphaned_future(in_thread=False)
+  assert log.count == 2
+  assert (tmp_path / "errors.log").read_text().count("RuntimeError: Event loop is closed") == 2
+  assert "Event loop is closed" not in capfd.readouterr().err

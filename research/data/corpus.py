@@ -162,10 +162,12 @@ def load_split(data_cfg: mlc.ConfigDict, cache_dir: str) -> tuple[Sequence[str],
     train, valid = split_documents(docs, data_cfg.valid_fraction, data_cfg.split_seed)
     manifest = {"source": "embedded", "packages": PACKAGES}
   else:
-    docs = readers.open_documents(data_cfg.source, data_cfg.train_files, data_cfg.text_key)
+    skip = data_cfg.get("skip_bad_records", False)
+    docs = readers.open_documents(data_cfg.source, data_cfg.train_files, data_cfg.text_key, skip)
     if data_cfg.valid_files:
       train = docs
-      valid = readers.open_documents(data_cfg.source, data_cfg.valid_files, data_cfg.text_key)
+      valid = readers.open_documents(data_cfg.source, data_cfg.valid_files, data_cfg.text_key,
+                                     skip)
     else:
       train, valid = split_documents(docs, data_cfg.valid_fraction, data_cfg.split_seed)
     manifest = {

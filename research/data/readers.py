@@ -14,11 +14,48 @@ import threading
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
+from absl import logging
 from array_record.python import array_record_data_source, array_record_module
 
 _CHUNK_BYTES = 64 << 20  # jsonl indexing reads this much at a time
 _ROW_GROUP_CACHE = 4  # decoded parquet row groups kept per process
+SAMPLE_RECORDS = 32  # records of every file read at set-up (first, last, evenly spaced)
+
+
+class BadRecordError(ValueError):
+  """A record that is not a document (malformed JSON, no text field, not text); names the file
+  and line or record."""
+
+
+class _BadRecords:
+  """With `skip_bad`, a bad record reads as None (the pipeline drops it) and is counted."""
+
+  skip_bad = False
+
+  def _init_bad_records(self, skip_bad: bool) -> None:
+    self.skip_bad, self.bad_records = skip_bad, 0
+    self._bad_lock = threading.Lock()
+
+  def _bad(self, e: BadRecordError) -> None:
+    if not self.skip_bad:
+      raise e
+    with self._bad_lock:
+      self.bad_records += 1
+    logging.warning("skipping %s (config.data.skip_bad_records=True)", e)
+
+  def __getstate__(self) -> dict:
+    return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_lock", "_bad_lock")}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state)
+    self._bad_lock = threading.Lock()
+
+
+def _sample(n: int) -> list[int]:
+  """Up to SAMPLE_RECORDS indices of [0, n): the first, the last and evenly spaced ones."""
+  return sorted({int(i) for i in np.linspace(0, n - 1, min(n, SAMPLE_RECORDS))})
 
 
 def expand_glob(pattern: str) -> list[str]:
@@ -38,9 +75,9 @@ def _fingerprint(kind: str, text_key: str, files: Sequence[str], counts: Sequenc
 
 def _text_of(record: object, key: str, where: str) -> str:
   if not isinstance(record, dict) or key not in record:
-    raise ValueError(f"{where}: the record has no text key {key!r}.")
+    raise BadRecordError(f"{where}: the record has no text key {key!r}.")
   if not isinstance(record[key], str):
-    raise ValueError(f"{where}: {key!r} holds {type(record[key]).__name__}, not a string.")
+    raise BadRecordError(f"{where}: {key!r} holds {type(record[key]).__name__}, not a string.")
   return record[key]
 
 
@@ -61,8 +98,12 @@ class Subset(Sequence):
   def __len__(self) -> int:
     return len(self.indices)
 
-  def __getitem__(self, i: int) -> str:
+  def __getitem__(self, i: int) -> str | None:
     return self.docs[int(self.indices[i])]
+
+  @property
+  def bad_records(self) -> int:
+    return getattr(self.docs, "bad_records", 0)
 
   @property
   def fingerprint(self) -> str | None:
@@ -87,11 +128,12 @@ class _Located(Sequence):
     return k, i - (int(self.ends[k - 1]) if k else 0)
 
 
-class JsonlDocuments(_Located):
+class JsonlDocuments(_BadRecords, _Located):
   """One JSON object per line; the text is field `text_key`. Indexed by line offsets."""
 
-  def __init__(self, files: Sequence[str], text_key: str):
+  def __init__(self, files: Sequence[str], text_key: str, skip_bad: bool = False):
     self.files, self.text_key = list(files), text_key
+    self._init_bad_records(skip_bad)
     self.bounds = [_line_bounds(f) for f in self.files]  # document j spans bounds[j]:bounds[j + 1]
     counts = [len(b) - 1 for b in self.bounds]
     for f, n in zip(self.files, counts, strict=True):
@@ -99,23 +141,36 @@ class JsonlDocuments(_Located):
         raise ValueError(f"{f} holds no JSON lines.")
     self.ends = np.cumsum(counts)
     self.fingerprint = _fingerprint("jsonl", text_key, self.files, counts)
-    for k in range(len(self.files)):  # fail early on a wrong text_key
-      self._read(k, 0)
+    for k, n in enumerate(counts):  # fail early on a wrong text_key or a malformed file
+      for j in _sample(n):
+        try:
+          self._read(k, j)
+        except BadRecordError as e:
+          self._bad(e)
 
-  def __getitem__(self, i: int) -> str:
-    return self._read(*self._locate(i))
+  def __getitem__(self, i: int) -> str | None:
+    try:
+      return self._read(*self._locate(i))
+    except BadRecordError as e:
+      self._bad(e)
+      return None
 
   def _read(self, k: int, j: int) -> str:
     start, end = int(self.bounds[k][j]), int(self.bounds[k][j + 1])
     with open(self.files[k], "rb") as f:
       f.seek(start)
       line = f.read(end - start)
-    where = f"{self.files[k]} (byte {start})"
     try:
       record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{where}: not a JSON line: {e}") from e
-    return _text_of(record, self.text_key, where)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise BadRecordError(f"{self._where(k, start)}: not a JSON line ({e})") from None
+    return _text_of(record, self.text_key, self._where(k, start))
+
+  def _where(self, k: int, start: int) -> str:
+    """'<file> line <n>' of the line starting at byte `start` (counts newlines: errors only)."""
+    with open(self.files[k], "rb") as f:
+      line = f.read(start).count(b"\n") + 1
+    return f"{self.files[k]} line {line}"
 
 
 def _line_bounds(path: str) -> np.ndarray:
@@ -132,11 +187,12 @@ def _line_bounds(path: str) -> np.ndarray:
   return np.append(bounds[:-1][keep], size)
 
 
-class ParquetDocuments(_Located):
+class ParquetDocuments(_BadRecords, _Located):
   """Column `text_key` of parquet files, read one row group at a time with a small LRU cache."""
 
-  def __init__(self, files: Sequence[str], text_key: str):
+  def __init__(self, files: Sequence[str], text_key: str, skip_bad: bool = False):
     self.files, self.text_key = list(files), text_key
+    self._init_bad_records(skip_bad)
     groups, counts = [], []
     for k, f in enumerate(self.files):
       pf = pq.ParquetFile(f)
@@ -144,6 +200,9 @@ class ParquetDocuments(_Located):
         raise ValueError(f"{f}: no column {text_key!r} (columns: {pf.schema_arrow.names}).")
       if pf.metadata.num_rows == 0:
         raise ValueError(f"{f} holds no rows.")
+      kind = pf.schema_arrow.field(text_key).type
+      if kind not in (pa.string(), pa.large_string()):
+        raise ValueError(f"{f}: column {text_key!r} holds {kind}, not text.")
       rows = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
       groups += [(k, g, n) for g, n in enumerate(rows)]
       counts.append(pf.metadata.num_rows)
@@ -152,16 +211,18 @@ class ParquetDocuments(_Located):
     self.fingerprint = _fingerprint("parquet", text_key, self.files, counts)
     self._cache, self._lock = collections.OrderedDict(), threading.Lock()
 
-  def __getstate__(self) -> dict:
-    return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_lock")}
-
   def __setstate__(self, state: dict) -> None:
-    self.__dict__.update(state)
+    super().__setstate__(state)
     self._cache, self._lock = collections.OrderedDict(), threading.Lock()
 
-  def __getitem__(self, i: int) -> str:
+  def __getitem__(self, i: int) -> str | None:
     g, row = self._locate(i)
-    return self._row_group(g)[row]
+    text = self._row_group(g)[row]
+    if text is None:  # a null in a string column
+      k, group = self.groups[g]
+      self._bad(BadRecordError(f"{self.files[k]} row group {group} row {row}: {self.text_key!r} "
+                               "is null, not a string."))
+    return text
 
   def _row_group(self, g: int) -> list[str]:
     with self._lock:
@@ -177,35 +238,48 @@ class ParquetDocuments(_Located):
       return texts
 
 
-class ArrayRecordDocuments(Sequence):
+class ArrayRecordDocuments(_BadRecords, Sequence):
   """ArrayRecord files whose records are UTF-8 JSON objects with `text_key`, or raw UTF-8 text.
 
   A record that parses as a JSON object must hold `text_key`; anything else is taken as text.
   """
 
-  def __init__(self, files: Sequence[str], text_key: str):
+  def __init__(self, files: Sequence[str], text_key: str, skip_bad: bool = False):
     self.files, self.text_key = list(files), text_key
+    self._init_bad_records(skip_bad)
     counts = []
     for f in self.files:
       reader = array_record_module.ArrayRecordReader(f)
       counts.append(reader.num_records())
-      first = reader.read([0])[0] if counts[-1] else None
-      reader.close()
-      if first is None:
+      if not counts[-1]:
+        reader.close()
         raise ValueError(f"{f} holds no records.")
-      self._decode(first, f)
+      sample = _sample(counts[-1])
+      for i, record in zip(sample, reader.read(sample), strict=True):
+        try:
+          self._decode(record, f"{f} record {i}")
+        except BadRecordError as e:
+          self._bad(e)
+      reader.close()
     self.source = array_record_data_source.ArrayRecordDataSource(self.files)
     self.fingerprint = _fingerprint("arrayrecord", text_key, self.files, counts)
 
   def __len__(self) -> int:
     return len(self.source)
 
-  def __getitem__(self, i: int) -> str:
+  def __getitem__(self, i: int) -> str | None:
     i = _check_index(i, len(self))
-    return self._decode(self.source[i], f"ArrayRecord record {i}")
+    try:
+      return self._decode(self.source[i], f"ArrayRecord record {i}")
+    except BadRecordError as e:
+      self._bad(e)
+      return None
 
   def _decode(self, record: bytes, where: str) -> str:
-    text = record.decode("utf-8")
+    try:
+      text = record.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise BadRecordError(f"{where}: not UTF-8 text ({e})") from None
     if text.lstrip().startswith("{"):
       try:
         obj = json.loads(text)
@@ -223,8 +297,11 @@ _READERS = {
 }
 
 
-def open_documents(source: str, pattern: str, text_key: str) -> Sequence[str]:
-  """A random-access reader of the files matching `pattern` (jsonl | parquet | arrayrecord)."""
+def open_documents(source: str, pattern: str, text_key: str,
+                   skip_bad: bool = False) -> Sequence[str]:
+  """A random-access reader of the files matching `pattern` (jsonl | parquet | arrayrecord); a
+  sample of every file's records is read at once. A bad record raises BadRecordError when read,
+  or (`skip_bad`) reads as None and is counted in `bad_records`."""
   if source not in _READERS:
     raise ValueError(f"Unknown data.source {source!r}: expected embedded or {list(_READERS)}.")
-  return _READERS[source](expand_glob(pattern), text_key)
+  return _READERS[source](expand_glob(pattern), text_key, skip_bad)

@@ -24,7 +24,8 @@ def train_bpe(docs: Sequence[str], vocab_size: int) -> Tokenizer:
     show_progress=False,
     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
   )
-  tok.train_from_iterator(docs, trainer=trainer, length=len(docs))
+  texts = (d for d in docs if d is not None)  # None: a bad record skipped by the reader
+  tok.train_from_iterator(texts, trainer=trainer, length=len(docs))
   return tok
 
 

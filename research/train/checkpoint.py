@@ -10,9 +10,14 @@ naming it and moved aside, and the next older one is tried. A state holding NaN 
 written.
 """
 
+import errno
+import logging as pylogging
 import os
 import shutil
+import sys
+import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +36,108 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax writes step N here, then renames i
 
 class NonFiniteStateError(RuntimeError):
   """The state to checkpoint holds NaN or Inf; it is not written."""
+
+
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written (e.g. a full disk); the message is one line."""
+
+
+def _os_error(e: BaseException) -> OSError | None:
+  """The first OSError in the chain of `e` (itself, its cause or context), if any."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError):
+      return e
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def write_error(mngr: ocp.CheckpointManager, step: int, e: BaseException) -> CheckpointWriteError:
+  """A one-line CheckpointWriteError for the failed save of `step`, naming its path."""
+  path = os.path.join(str(mngr.directory), str(step))
+  os_error = _os_error(e)
+  if (os_error is not None and os_error.errno == errno.ENOSPC) or "No space left" in str(e):
+    why = "no space left on device"
+  elif os_error is not None:
+    why = f"{os_error.strerror or os_error}".lower()
+  else:
+    why = _describe(e)
+  done = [s for s in mngr.all_steps() if s != step]
+  kept = (f"the complete checkpoints (newest: step {max(done)}) are intact" if done
+          else "no earlier checkpoint exists")
+  return CheckpointWriteError(f"{path}: the checkpoint of step {step} could not be written: "
+                              f"{why}; {kept}")
+
+
+def confirm(mngr: ocp.CheckpointManager, step: int, *, wait: bool) -> bool:
+  """Whether the save of `step` has finished (`wait`: wait for it); raises CheckpointWriteError if
+  it failed. An asynchronous write's error surfaces here, at the first step after it."""
+  try:
+    if wait:
+      mngr.wait_until_finished()
+    elif mngr.is_saving_in_progress():
+      return False
+    mngr.check_for_errors()
+  except Exception as e:
+    raise write_error(mngr, step, e) from e
+  return True
+
+
+class ErrorLog:
+  """`with ErrorLog(path):` sends orbax's tracebacks (a failed write or restore logs hundreds of
+  lines) and those of exceptions raised in background threads to the file `path`, created when
+  the first one arrives; the console keeps the one-line messages. `write(text)` appends there."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.count = 0
+    self.unwritable = False
+    self._filter = _OrbaxTracebackFilter(self)
+
+  def write(self, text: str) -> None:
+    self.count += 1
+    try:
+      with open(self.path, "a") as f:
+        f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}\n{text.rstrip()}\n")
+    except OSError as e:  # e.g. the full disk that made the checkpoint fail
+      if not self.unwritable:  # once
+        os.write(2, f"warning: could not write a traceback to {self.path} ({e})\n".encode())
+      self.unwritable = True
+
+  def __enter__(self) -> "ErrorLog":
+    self._handler = logging.get_absl_handler()
+    self._handler.addFilter(self._filter)
+    self._hooks = sys.excepthook, threading.excepthook, sys.unraisablehook
+    # Native callbacks (tensorstore futures completing after orbax closed their event loop)
+    # report their exceptions through these hooks. While the log is active, no exception reaches
+    # sys.excepthook uncaught: the `with` block is left before the interpreter reports one.
+    sys.excepthook = lambda kind, value, tb: self._write_exception(kind, value, tb)
+    threading.excepthook = lambda a: self._write_exception(a.exc_type, a.exc_value,
+                                                           a.exc_traceback)
+    sys.unraisablehook = lambda u: self._write_exception(
+        u.exc_type, u.exc_value, u.exc_traceback, f"{u.err_msg or 'Exception ignored in'}: "
+        f"{u.object!r}\n" if u.object is not None else "")
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._handler.removeFilter(self._filter)
+    sys.excepthook, threading.excepthook, sys.unraisablehook = self._hooks
+
+  def _write_exception(self, kind, value, tb, header: str = "") -> None:
+    self.write(header + "".join(traceback.format_exception(kind, value, tb)))
+
+
+class _OrbaxTracebackFilter(pylogging.Filter):
+  def __init__(self, log: ErrorLog):
+    super().__init__()
+    self.log = log
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+      self.log.write(pylogging.Formatter().format(record))
+      return False
+    return True
 
 
 def make_manager(directory: str, *, keep: int, async_save: bool) -> ocp.CheckpointManager:
@@ -98,7 +205,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter: Any,
          meta: dict) -> None:
   """Starts saving `step` (asynchronously if the manager is async); overwrites nothing.
 
-  Raises NonFiniteStateError, writing nothing, if `state` holds NaN or Inf.
+  Raises NonFiniteStateError, writing nothing, if `state` holds NaN or Inf, and
+  CheckpointWriteError if the write fails at once (`confirm` reports a background failure).
   """
   if step in mngr.all_steps():
     return
@@ -109,10 +217,13 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter: Any,
         f"step {step}: the training state holds NaN or Inf, so it was not checkpointed (an "
         f"update overflowed, e.g. a too-large config.train.lr); the newest checkpoint is "
         f"{'none' if newest is None else os.path.join(str(mngr.directory), str(newest))}")
-  mngr.save(step, force=True, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data=grain.checkpoint.CheckpointSave(data_iter),
-      meta=ocp.args.JsonSave(dict(meta, state_checksum=checksum))))
+  try:
+    mngr.save(step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iter),
+        meta=ocp.args.JsonSave(dict(meta, state_checksum=checksum))))
+  except Exception as e:  # the synchronous part of the write (all of it when not async)
+    raise write_error(mngr, step, e) from e
 
 
 def _restore(mngr: ocp.CheckpointManager, step: int, check_meta: Callable[[dict], None],
@@ -156,7 +267,8 @@ def _check_shapes(path: str, saved: Any, abstract_state: Any) -> None:
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
                    new_iter: Callable[[], Any], check_meta: Callable[[dict], None], *,
-                   move_aside: bool) -> tuple[Any, dict, Any] | None:
+                   move_aside: bool, error_log: ErrorLog | None = None
+                   ) -> tuple[Any, dict, Any] | None:
   """(state, meta, data iterator) of the newest step that loads, or None.
 
   A step that fails to load is skipped with a warning. With `move_aside` (a training run), once an
@@ -164,7 +276,8 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
   inspection, no longer listed) so that the resumed run can write those steps again; when none
   loads (which may be a transient fault, e.g. out of memory) nothing is moved.
   `check_meta(meta)` raises ConfigError when a checkpoint does not fit this run (e.g. another
-  tokenizer); that is not a broken checkpoint, and it propagates.
+  tokenizer); that is not a broken checkpoint, and it propagates. The warning is one line; the
+  full traceback goes to `error_log` when given.
   """
   restored, unreadable = None, []
   for step in sorted(mngr.all_steps(), reverse=True):
@@ -176,7 +289,13 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
     except Exception as e:  # any unreadable checkpoint is skipped, loudly
       path = os.path.join(str(mngr.directory), str(step))
       unreadable.append(path)
-      logging.warning("checkpoint %s is unreadable and was skipped (%s)", path, _describe(e))
+      where = ""
+      if error_log is not None:
+        error_log.write(f"checkpoint {path} is unreadable:\n" + "".join(
+            traceback.format_exception(type(e), e, e.__traceback__)))
+        where = f"; traceback in {error_log.path}"
+      logging.warning("checkpoint %s is unreadable and was skipped (%s%s)", path, _describe(e),
+                      where)
   if move_aside and restored is not None:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("checkpoint: every process tried to restore")

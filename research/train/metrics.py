@@ -1,6 +1,7 @@
 """Metric sinks: metrics.jsonl in the workdir (always), Weights & Biases (best effort), stdout.
 
-W&B never stops training: an online init that fails (no network, no API key) is retried offline
+W&B never stops training (and in offline mode prints nothing; its files are still written): an
+online init that fails (no network, no API key) is retried offline
 (`wandb sync` uploads it later); a failing init or log is reported once and W&B is turned off for
 the rest of the run; metrics.jsonl is still written. Without network an online init gives up after
 about INIT_TIMEOUT_S + 10 seconds (the environment variable WANDB_INIT_TIMEOUT overrides it).
@@ -32,8 +33,9 @@ class MetricWriter:
       self.wandb = _init_wandb(workdir, cfg)
 
   def truncate(self, step: int) -> None:
-    """Atomically drops the records with a step after `step` and any half-written line."""
-    self._rewrite(lambda r: r["step"] <= step)
+    """Atomically drops the records with a step after `step`, any half-written line, and all
+    but the last of records that repeat a (step, kind) (two runs that once shared a workdir)."""
+    self._rewrite(lambda r: r["step"] <= step, dedupe=True)
 
   def write(self, step: int, metrics: dict[str, Any], *, kind: str = "train",
             replace: bool = False) -> None:
@@ -52,18 +54,23 @@ class MetricWriter:
         logging.warning("wandb.log failed (%s); W&B logging is off for this run", e)
         self.wandb = None
 
-  def _rewrite(self, keep: Callable[[dict], bool]) -> None:
-    """Atomically rewrites metrics.jsonl with the records for which keep(record) holds."""
+  def _rewrite(self, keep: Callable[[dict], bool], *, dedupe: bool = False) -> None:
+    """Atomically rewrites metrics.jsonl with the records for which keep(record) holds
+    (`dedupe`: of records with the same step and kind, only the last)."""
     if not (self.enabled and os.path.exists(self.path)):
       return
-    kept = []
+    kept = {}  # (step, kind) or line number -> line, in file order
     with open(self.path) as f:
-      for line in f:
+      for number, line in enumerate(f):
         try:
-          if keep(json.loads(line)):
-            kept.append(line if line.endswith("\n") else line + "\n")
+          record = json.loads(line)
+          if keep(record):
+            key = (record["step"], record["kind"]) if dedupe else number
+            kept.pop(key, None)  # a repeat moves to where the last one stood
+            kept[key] = line if line.endswith("\n") else line + "\n"
         except (ValueError, KeyError, TypeError):
           pass  # a line cut short by a kill
+    kept = list(kept.values())
     tmp = f"{self.path}.tmp"
     with open(tmp, "w") as f:
       f.writelines(kept)
@@ -124,7 +131,7 @@ def _wandb_run(workdir: str, cfg: mlc.ConfigDict, mode: str):
       tags=[t for t in w.tags.split(",") if t] or None, mode=mode,
       name=w.name or os.path.basename(os.path.abspath(workdir)), dir=workdir,
       config=cfg.to_dict(), id=run_id, resume="allow",
-      settings=wandb.Settings(init_timeout=timeout))
+      settings=wandb.Settings(init_timeout=timeout, silent=mode == "offline"))
   with open(run_id_file, "w") as f:
     f.write(run.id)
   return run
