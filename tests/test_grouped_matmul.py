@@ -248,10 +248,10 @@ def test_many_groups_large_k():
 
 def test_bench_legacy_tiling_equals_ragged_dot():
   """bench/kernels.py's previous tiling (kept for comparison) computes the same forward."""
-  from bench import kernels as bench_kernels
+  from bench import legacy_grouped_matmul as legacy_gmm
   lhs_MK, rhs_GKN, _ = operands(jnp.float32, seed=3)
   sizes_G = jnp.array(PATTERNS["mixed"], jnp.int32)
-  got = jax.jit(functools.partial(bench_kernels.legacy_grouped_matmul, tiling=TILING,
+  got = jax.jit(functools.partial(legacy_gmm.legacy_grouped_matmul, tiling=TILING,
                                   interpret=True))(lhs_MK, rhs_GKN, sizes_G)
   np.testing.assert_allclose(got, jax.lax.ragged_dot(lhs_MK, rhs_GKN, sizes_G), atol=1e-5)
 

@@ -70,9 +70,10 @@ class KV(NamedTuple):
 
 def empty_kv(batch: int, length: int, kv_heads: int, head_dim: int, dtype) -> KV:
   """A decode-cache site of `length` empty entries (entry s at index s)."""
-  zeros = jnp.zeros((batch, length, kv_heads, head_dim), dtype)
+  shape = (batch, length, kv_heads, head_dim)  # k and v separate buffers (a cache is donated)
   idx_BS = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-  return KV(zeros, zeros, Tokens(jnp.zeros_like(idx_BS), jnp.zeros_like(idx_BS), idx_BS))
+  return KV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+            Tokens(jnp.zeros_like(idx_BS), jnp.zeros_like(idx_BS), idx_BS))
 
 
 class Site(NamedTuple):

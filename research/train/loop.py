@@ -460,6 +460,11 @@ def train(cfg: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final validation metrics, the status
   (ok, "stopped by SIGTERM", nonfinite) and the step of the last checkpoint."""
   with SignalGuard() as guard:  # from the start: a signal during set-up or compilation counts
+    # a mesh the devices cannot hold is refused before the workdir is made (with
+    # model.init_from, setup checks it once the checkpoint's architecture is known)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    if not cfg.model.init_from:
+      config_lib.validate_against_devices(cfg, tuple(mesh.shape.values()), jax.process_count())
     lock = contextlib.nullcontext()
     if jax.process_index() == 0:  # before anything in the workdir is touched
       workdir_lib.prepare(workdir)
