@@ -36,8 +36,10 @@ import numpy as np
 from flax import nnx
 
 from research.infer import decode
+from research.model import cache as cache_lib
+from research.model import mor, recursion
 from research.model.cache import Cache
-from research.model.layers import KV
+from research.model.layers import KV, Carry, Site, SwiGLU, Tokens
 from research.model.lm import LanguageModel
 
 Array = jax.Array
@@ -260,3 +262,190 @@ class Engine:
 def _key_data(seed: int) -> np.ndarray:
   """The raw uint32 data of jax.random.key(seed) (the engine passes keys as data)."""
   return np.asarray(jax.random.key_data(jax.random.key(seed)))
+
+
+EXITED = -2  # DepthwiseEngine: the slot's token left the core and waits for the coda
+IDLE = -1  # no token in flight
+
+
+class DepthwiseEngine(Engine):
+  """Continuous depth-wise batching (MoR §3.3, App. E) for expert choice with recursion-wise
+  caching: every slot holds at most one token in flight, each at its own recursion step, and
+  one engine step is
+
+    entry   the slots' new tokens: embedding, prelude (every slot, masked), the step-1 router;
+    core    the shared block run ONCE on `block_rows` rows gathered from the slots whose token
+            waits for a step (deepest first), each row attending to its slot's cache site of its
+            own depth ("core/<r B + j>": gathered per row, written back); the router of the
+            next step decides who continues (the causal threshold rule, as in decoding);
+    exit    the tokens that left the core (this step, or at entry): coda, final norm, head and
+            the next token (every slot, masked), in one batch.
+
+  Prefill is the sequence-wise one (Engine). A token of depth k spends k engine steps in the
+  core (1 for depth 0); `stats["block_rows"]` counts the rows the shared block ran. Served:
+  middle_cycle / cycle plans with shared norms, no LoRA, dense FFNs, model.mor.kv='cache'
+  (ValueError naming the key otherwise)."""
+
+  def __init__(self, model: LanguageModel, *, slots: int, max_len: int,
+               block_rows: int | None = None, **kw):
+    core = model.core
+    plan, b = core.plan, core.plan.num_shared
+    refuse = [
+        (not isinstance(core.rule, mor.ExpertChoice), "model.mor.kind", "must be 'expert'"),
+        (core.kv_mode != "cache", "model.mor.kv", "must be 'cache' (recursion-wise caching)"),
+        (core.lora is not None, "model.recursion.lora_rank", "must be 0 (no per-depth LoRA)"),
+        (core.attn_norms is not None, "model.recursion.share_norms", "must be True"),
+        (any(plan.order[d] != plan.order[d % b] for d in range(len(plan.order))),
+         "model.recursion.strategy", "must be cycle or middle_cycle (one block per step slot)"),
+        (any(not isinstance(blk.ffn, SwiGLU) for blk in (*model.prelude.blocks, *core.blocks,
+                                                         *model.coda.blocks)),
+         "model.moe.num_experts", "must be 0 (dense FFNs)"),
+    ]
+    for bad, key, why in refuse:
+      if bad:
+        raise ValueError(f"DepthwiseEngine: config.{key}: {why} for depth-wise batching")
+    super().__init__(model, slots=slots, max_len=max_len, **kw)
+    self.block_rows = slots if block_rows is None else block_rows
+    if not 1 <= self.block_rows <= slots:
+      raise ValueError(f"DepthwiseEngine: block_rows={block_rows} must be in 1..slots={slots}")
+    self.width, self.dtype = model.embed.embedding.shape[1], model.embed.dtype
+    self._step = jax.jit(self._step_fn, donate_argnums=(1, 2))
+
+  def serve(self, requests: Sequence[Request],
+            on_finish: Callable[[Completion], None] | None = None) -> list[Completion]:
+    """Every request's completion, in request order (Engine.serve, depth-wise decoding)."""
+    self.check(requests)
+    start = time.perf_counter()
+    queue = collections.deque(range(len(requests)))
+    done: dict[int, Completion] = {}
+    owner: list[Completion | None] = [None] * self.slots
+    token_S = np.zeros((self.slots,), np.int32)
+    enter_S = np.zeros((self.slots,), bool)  # a new token enters the model this step
+    index_S = np.zeros((self.slots,), np.int32)
+    key_S2 = np.zeros((self.slots, 2), np.uint32)
+    flight = (jnp.zeros((self.slots, self.width), self.dtype),
+              jnp.full((self.slots,), IDLE, jnp.int32),
+              jnp.zeros((self.slots,), jnp.float32), jnp.zeros((self.slots,), jnp.int32))
+
+    def finish(c: Completion, token: int) -> bool:
+      c.tokens.append(token)
+      r = requests[c.request]
+      if token == r.eos or len(c.tokens) == r.max_new_tokens:
+        c.finish = "eos" if token == r.eos else "length"
+        c.end_s = time.perf_counter() - start
+        done[c.request] = c
+        if on_finish is not None:
+          on_finish(c)
+        return True
+      return False
+
+    while queue or any(c is not None for c in owner):
+      free = [s for s in range(self.slots) if owner[s] is None]
+      if queue and free:
+        take = [queue.popleft() for _ in range(min(len(free), self.prefill_batch, len(queue)))]
+        for s, (c, first) in zip(free, self._admit(requests, take, free, start), strict=False):
+          if not finish(c, first):
+            owner[s], token_S[s], enter_S[s], index_S[s] = c, first, True, 1
+            key_S2[s] = _key_data(requests[c.request].seed)
+      if not any(c is not None for c in owner):
+        continue
+      self.cache, flight, next_S, exited_S, depth_S, rows = self._step(
+          self.state, self.cache, flight, token_S, enter_S, key_S2, index_S)
+      next_S, exited_S, depth_S = np.asarray(next_S), np.asarray(exited_S), np.asarray(depth_S)
+      self.stats["engine_steps"] += 1
+      self.stats["block_rows"] += int(rows)
+      enter_S[:] = False
+      for s in np.flatnonzero(exited_S):
+        c = owner[s]
+        c.depth_sum += int(depth_S[s])
+        c.depth_tokens += 1
+        if finish(c, int(next_S[s])):
+          owner[s] = None
+        else:
+          token_S[s], enter_S[s], index_S[s] = next_S[s], True, index_S[s] + 1
+    return [done[i] for i in range(len(requests))]
+
+  def _step_fn(self, state, cache: Cache, flight, token_S: Array, enter_S: Array,
+               key_S2: Array, index_S: Array):
+    """One engine step (class docstring): (cache, flight, next token per slot, which slots'
+    token left the model, its depth, rows the shared block ran). flight = (hidden [S, D], the
+    step each slot's token waits for (IDLE, EXITED), its gate, steps run)."""
+    self.traces["step"] += 1
+    model = nnx.merge(self.graphdef, state)
+    core, rule = model.core, model.core.rule
+    nr, b, s = core.plan.num_recursions, core.plan.num_shared, self.slots
+    x_SD, r_S, w_S, steps_S = flight
+
+    def decide(x_BD: Array, r: int) -> tuple[Array, Array]:
+      """Whether a token with state x runs step r (threshold rule), and its gate."""
+      _, _, logit_B1, w_B1 = rule.scores(core, x_BD[:, None], r)
+      run_B = mor.threshold_route(jnp.ones_like(logit_B1, bool), logit_B1, rule.capacity[r])
+      return run_B[:, 0], w_B1[:, 0].astype(jnp.float32)
+
+    # entry: embedding and prelude of the new tokens, then the step-1 decision
+    x_S1D, _, _, carry = model.inputs(token_S[:, None], None, enter_S[:, None].astype(jnp.int32),
+                                      cache)
+    kv = dict(carry.kv)
+    run_S, w0_S = decide(x_S1D[:, 0], 0)
+    x_SD = jnp.where(enter_S[:, None], x_S1D[:, 0], x_SD)
+    r_S = jnp.where(enter_S, jnp.where(run_S, 0, EXITED), r_S)
+    w_S = jnp.where(enter_S, w0_S, w_S)
+    steps_S = jnp.where(enter_S, 0, steps_S)
+
+    # core: block_rows rows at their own steps through the shared block, once
+    waiting_S = r_S >= 0
+    order = jnp.argsort(jnp.where(waiting_S, -r_S, nr), stable=True)  # deepest first
+    idx_R = order[:self.block_rows]
+    valid_R, r_R = waiting_S[idx_R], jnp.maximum(r_S[idx_R], 0)
+    pos_R = cache.length[idx_R]
+    tok_R = Tokens(pos_R[:, None], valid_R[:, None].astype(jnp.int32), pos_R[:, None])
+    x_R1D = x_SD[idx_R][:, None]
+    y_R1D = x_R1D
+    for j in range(b):
+      names = [f"{recursion.SITE}/{r * b + j}" for r in range(nr)]
+      rows_kv = _select(r_R, [jax.tree.map(lambda a: a[idx_R], kv[n]) for n in names])
+      block = core.blocks[core.plan.order[j]]
+      y_R1D, _, out = block.forward(y_R1D, tok_R, site=Site("row"),
+                                    carry=Carry(kv={"row": rows_kv}))
+      for r, n in enumerate(names):
+        to_R = jnp.where(valid_R & (r_R == r), idx_R, s)  # out of range: not this site's row
+        kv[n] = jax.tree.map(lambda a, new, to_R=to_R: a.at[to_R].set(new, mode="drop"), kv[n],
+                             out.kv["row"])
+    w_R = w_S[idx_R]
+    x_new_RD = (x_R1D + (w_R[:, None, None].astype(y_R1D.dtype) * y_R1D).astype(x_R1D.dtype))[:, 0]
+    next_R = r_R + 1
+    cont_R, w_next_R = jnp.zeros_like(valid_R), jnp.zeros_like(w_R)
+    for r in range(1, nr):
+      run_R, w_r_R = decide(x_new_RD, r)
+      cont_R = jnp.where(next_R == r, run_R, cont_R)
+      w_next_R = jnp.where(next_R == r, w_r_R, w_next_R)
+    to_R = jnp.where(valid_R, idx_R, s)
+    x_SD = x_SD.at[to_R].set(x_new_RD, mode="drop")
+    r_S = r_S.at[to_R].set(jnp.where(cont_R, next_R, EXITED), mode="drop")
+    w_S = w_S.at[to_R].set(w_next_R, mode="drop")
+    steps_S = steps_S.at[to_R].set(steps_S[idx_R] + 1, mode="drop")
+
+    # exit: coda, norm, head and the next token of the tokens that left the core
+    exited_S = r_S == EXITED
+    tok_S = cache_lib.new_tokens(cache, None, exited_S[:, None].astype(jnp.int32))
+    h_S1D, _, carry = model.coda.forward(x_SD[:, None], tok_S, Carry(kv=kv))
+    next_S = self._pick(model.logits(h_S1D)[:, 0], key_S2, index_S)
+    rows = jnp.arange(s)
+    depth = cache.depth.at[rows, cache.length].set(
+        jnp.where(exited_S, steps_S, cache.depth[rows, cache.length]), mode="drop")
+    cache = Cache({n: carry.kv[n] for n in cache.kv}, depth,
+                  cache.length + exited_S.astype(jnp.int32))
+    r_S = jnp.where(exited_S, IDLE, r_S)
+    return (cache, (x_SD, r_S, w_S, steps_S), next_S, exited_S, steps_S,
+            jnp.sum(valid_R, dtype=jnp.int32))
+
+
+def _select(r_R: Array, trees: list) -> object:
+  """Row i of trees[r_R[i]] (trees of equal structure, leaves [R, ...])."""
+  def pick(*leaves):
+    out = leaves[0]
+    for r, leaf in enumerate(leaves[1:], start=1):
+      out = jnp.where((r_R == r).reshape((-1,) + (1,) * (leaf.ndim - 1)), leaf, out)
+    return out
+
+  return jax.tree.map(pick, *trees)
