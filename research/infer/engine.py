@@ -275,9 +275,10 @@ class DepthwiseEngine(Engine):
 
     entry   the slots' new tokens: embedding, prelude (every slot, masked), the step-1 router;
     core    the shared block run ONCE on `block_rows` rows gathered from the slots whose token
-            waits for a step (deepest first), each row attending to its slot's cache site of its
-            own depth ("core/<r B + j>": gathered per row, written back); the router of the
-            next step decides who continues (the causal threshold rule, as in decoding);
+            waits for a step (deepest first, then longest waiting), each row attending to its
+            slot's cache site of its own depth ("core/<r B + j>": gathered per row, written
+            back); the router of the next step decides who continues (the causal threshold
+            rule, as in decoding);
     exit    the tokens that left the core (this step, or at entry): coda, final norm, head and
             the next token (every slot, masked), in one batch.
 
@@ -325,7 +326,8 @@ class DepthwiseEngine(Engine):
     key_S2 = np.zeros((self.slots, 2), np.uint32)
     flight = (jnp.zeros((self.slots, self.width), self.dtype),
               jnp.full((self.slots,), IDLE, jnp.int32),
-              jnp.zeros((self.slots,), jnp.float32), jnp.zeros((self.slots,), jnp.int32))
+              jnp.zeros((self.slots,), jnp.float32), jnp.zeros((self.slots,), jnp.int32),
+              jnp.zeros((self.slots,), jnp.int32))
 
     def finish(c: Completion, token: int) -> bool:
       c.tokens.append(token)
@@ -369,12 +371,13 @@ class DepthwiseEngine(Engine):
                key_S2: Array, index_S: Array):
     """One engine step (class docstring): (cache, flight, next token per slot, which slots'
     token left the model, its depth, rows the shared block ran). flight = (hidden [S, D], the
-    step each slot's token waits for (IDLE, EXITED), its gate, steps run)."""
+    step each slot's token waits for (IDLE, EXITED), its gate, steps run, engine steps it has
+    waited unserved)."""
     self.traces["step"] += 1
     model = nnx.merge(self.graphdef, state)
     core, rule = model.core, model.core.rule
     nr, b, s = core.plan.num_recursions, core.plan.num_shared, self.slots
-    x_SD, r_S, w_S, steps_S = flight
+    x_SD, r_S, w_S, steps_S, wait_S = flight
 
     def decide(x_BD: Array, r: int) -> tuple[Array, Array]:
       """Whether a token with state x runs step r (threshold rule), and its gate."""
@@ -391,10 +394,12 @@ class DepthwiseEngine(Engine):
     r_S = jnp.where(enter_S, jnp.where(run_S, 0, EXITED), r_S)
     w_S = jnp.where(enter_S, w0_S, w_S)
     steps_S = jnp.where(enter_S, 0, steps_S)
+    wait_S = jnp.where(enter_S, 0, wait_S)
 
     # core: block_rows rows at their own steps through the shared block, once
     waiting_S = r_S >= 0
-    order = jnp.argsort(jnp.where(waiting_S, -r_S, nr), stable=True)  # deepest first
+    # deepest step first, then the longest unserved (no row waits forever), idle slots last
+    order = jnp.lexsort((-wait_S, jnp.where(waiting_S, -r_S, nr)))
     idx_R = order[:self.block_rows]
     valid_R, r_R = waiting_S[idx_R], jnp.maximum(r_S[idx_R], 0)
     pos_R = cache.length[idx_R]
@@ -424,6 +429,7 @@ class DepthwiseEngine(Engine):
     r_S = r_S.at[to_R].set(jnp.where(cont_R, next_R, EXITED), mode="drop")
     w_S = w_S.at[to_R].set(w_next_R, mode="drop")
     steps_S = steps_S.at[to_R].set(steps_S[idx_R] + 1, mode="drop")
+    wait_S = jnp.where(waiting_S, wait_S + 1, 0).at[to_R].set(0, mode="drop")
 
     # exit: coda, norm, head and the next token of the tokens that left the core
     exited_S = r_S == EXITED
@@ -436,7 +442,7 @@ class DepthwiseEngine(Engine):
     cache = Cache({n: carry.kv[n] for n in cache.kv}, depth,
                   cache.length + exited_S.astype(jnp.int32))
     r_S = jnp.where(exited_S, IDLE, r_S)
-    return (cache, (x_SD, r_S, w_S, steps_S), next_S, exited_S, steps_S,
+    return (cache, (x_SD, r_S, w_S, steps_S, wait_S), next_S, exited_S, steps_S,
             jnp.sum(valid_R, dtype=jnp.int32))
 
 
