@@ -171,6 +171,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.generate.prompts_file = ""  # serve one prompt per line through the engine (replaces prompt)
   c.generate.slots = 8  # prompts_file: requests decoded at once (cache rows of the engine)
   c.generate.max_len = 256  # prompts_file: cache entries per slot (prompt + num_tokens must fit)
+  c.generate.engine = "sequence"  # prompts_file: sequence (any model) | depthwise (MoR, expert)
+  c.generate.block_rows = 0  # engine=depthwise: rows of the shared-block batch per step (0: slots)
 
   c.wandb = mlc.ConfigDict()
   c.wandb.mode = "offline"  # offline | online | disabled

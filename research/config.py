@@ -273,6 +273,9 @@ def validate_generate(cfg: mlc.ConfigDict) -> None:
   _positive(cfg, "generate.slots")
   _check(g.max_len >= 2, "generate.max_len", g.max_len, "must be >= 2 (a prompt token and one "
          "generated token)")
+  _one_of(cfg, "generate.engine", ("sequence", "depthwise"))
+  _check(0 <= g.block_rows <= g.slots, "generate.block_rows", g.block_rows,
+         f"must be in 0..config.generate.slots={g.slots} (0: slots)")
   if g.prompts_file:
     _check(os.path.isfile(g.prompts_file), "generate.prompts_file", g.prompts_file,
            "no such file")

@@ -8,12 +8,15 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 import pytest
+from flax import nnx
 from tokenizers import Tokenizer
 
 from research import config as config_lib
 from research.analysis import routing
 from research.config import ConfigError
 from research.infer import decode, generate
+from research.infer import engine as engine_lib
+from research.model.lm import LanguageModel
 from tests import launch_util, model_util
 
 
@@ -88,9 +91,18 @@ def test_launch_generate_serves_a_prompts_file_through_the_engine(trained, tmp_p
     assert r["finish"] == ("eos" if eos in want else "length")
     assert 0 <= r["mean_depth"] <= 3 and r["time_s"] >= 0
   total = sum(len(r["tokens"]) for r in records)
-  assert "serving 3 prompts" in result.stdout
+  assert "serving 3 prompts" in result.stdout and "sequence engine" in result.stdout
   assert f"{total} tokens in " in result.stdout and "tokens/s" in result.stdout
   assert "mean depth " in result.stdout
+
+  depthwise = launcher.run(workdir, dict(knobs, **{"generate.engine": "depthwise",
+                                                   "generate.block_rows": 1}))
+  assert depthwise.returncode == 0, depthwise.stderr
+  with open(workdir / "generations.jsonl") as f:
+    again = [json.loads(line) for line in f]
+  assert [r["tokens"] for r in again] == [r["tokens"] for r in records]
+  np.testing.assert_allclose([r["mean_depth"] for r in again], [r["mean_depth"] for r in records])
+  assert "depthwise engine" in depthwise.stdout and "shared-block rows in " in depthwise.stdout
 
 
 def test_launch_generate_refuses_bad_prompts_files_with_one_error_line(trained, tmp_path):
@@ -120,6 +132,21 @@ def test_launch_generate_refuses_bad_prompts_files_with_one_error_line(trained, 
   cfg.generate.prompts_file = str(long)
   cfg.generate.num_samples = 2
   with pytest.raises(ConfigError, match=r"config\.generate\.num_samples=2: must be 1"):
+    config_lib.validate(cfg)
+
+
+def test_the_depthwise_engine_refuses_a_model_it_cannot_serve_naming_the_key():
+  cfg = model_util.tiny_config()
+  with nnx.use_eager_sharding(False):
+    model = LanguageModel(cfg.model, rngs=nnx.Rngs(0))
+  cfg.generate.engine = "depthwise"
+  with pytest.raises(ConfigError, match=r"config\.generate\.engine='depthwise': "
+                     r"config\.model\.mor\.kind: must be 'expert'"):
+    generate.make_engine(cfg.generate, model)
+  cfg.generate.engine = "sequence"
+  assert type(generate.make_engine(cfg.generate, model)) is engine_lib.Engine
+  cfg.generate.block_rows = 9
+  with pytest.raises(ConfigError, match=r"config\.generate\.block_rows=9: must be in 0\.\.config"):
     config_lib.validate(cfg)
 
 

@@ -160,16 +160,7 @@ class Engine:
     key_B2 = np.zeros((self.slots, 2), np.uint32)
 
     def finish(c: Completion, token: int) -> bool:
-      c.tokens.append(token)
-      r = requests[c.request]
-      if token == r.eos or len(c.tokens) == r.max_new_tokens:
-        c.finish = "eos" if token == r.eos else "length"
-        c.end_s = time.perf_counter() - start
-        done[c.request] = c
-        if on_finish is not None:
-          on_finish(c)
-        return True
-      return False
+      return _finish(requests[c.request], c, token, start, done, on_finish)
 
     while queue or any(c is not None for c in owner):
       free = [s for s in range(self.slots) if owner[s] is None]
@@ -259,6 +250,21 @@ class Engine:
     return cache, first_P, depth_P
 
 
+def _finish(r: Request, c: Completion, token: int, start: float, done: dict[int, Completion],
+            on_finish: Callable[[Completion], None] | None) -> bool:
+  """Appends `token` to c; if it ends the request (its eos, or the budget), records c in `done`
+  (and tells on_finish) and returns True."""
+  c.tokens.append(token)
+  if token != r.eos and len(c.tokens) < r.max_new_tokens:
+    return False
+  c.finish = "eos" if token == r.eos else "length"
+  c.end_s = time.perf_counter() - start
+  done[c.request] = c
+  if on_finish is not None:
+    on_finish(c)
+  return True
+
+
 def _key_data(seed: int) -> np.ndarray:
   """The raw uint32 data of jax.random.key(seed) (the engine passes keys as data)."""
   return np.asarray(jax.random.key_data(jax.random.key(seed)))
@@ -330,16 +336,7 @@ class DepthwiseEngine(Engine):
               jnp.zeros((self.slots,), jnp.int32))
 
     def finish(c: Completion, token: int) -> bool:
-      c.tokens.append(token)
-      r = requests[c.request]
-      if token == r.eos or len(c.tokens) == r.max_new_tokens:
-        c.finish = "eos" if token == r.eos else "length"
-        c.end_s = time.perf_counter() - start
-        done[c.request] = c
-        if on_finish is not None:
-          on_finish(c)
-        return True
-      return False
+      return _finish(requests[c.request], c, token, start, done, on_finish)
 
     while queue or any(c is not None for c in owner):
       free = [s for s in range(self.slots) if owner[s] is None]

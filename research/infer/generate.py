@@ -104,11 +104,11 @@ def serve_prompts_file(cfg: mlc.ConfigDict, workdir: str) -> list[dict]:
           f"config.generate.max_len={g.max_len}: line {line} of {g.prompts_file} has {len(ids)} "
           f"tokens, which with config.generate.num_tokens={g.num_tokens} do not fit the cache")
     requests.append(engine_lib.Request(ids, g.num_tokens, eos=eos, seed=g.seed + i))
-  engine = engine_lib.Engine(loaded.model, slots=g.slots, max_len=g.max_len,
-                             temperature=g.temperature, top_p=g.top_p)
+  engine = make_engine(g, loaded.model)
   how = "greedy" if g.temperature == 0 else f"temperature {g.temperature}, top-p {g.top_p}"
   print(f"step {loaded.step}: serving {len(requests)} prompts from {g.prompts_file} "
-        f"({g.slots} slots of {g.max_len} tokens, up to {g.num_tokens} new tokens each, {how})",
+        f"({g.engine} engine, {g.slots} slots of {g.max_len} tokens, up to {g.num_tokens} new "
+        f"tokens each, {how})",
         flush=True)
   start = time.perf_counter()
   with tqdm(total=len(requests), unit="prompt", dynamic_ncols=True) as bar:
@@ -130,8 +130,23 @@ def serve_prompts_file(cfg: mlc.ConfigDict, workdir: str) -> list[dict]:
   if engine.routed:
     depth = sum(c.depth_sum for c in done) / sum(c.depth_tokens for c in done)
     line += f", mean depth {depth:.3f} of {loaded.model.core.plan.num_recursions}"
+  if isinstance(engine, engine_lib.DepthwiseEngine):
+    line += (f", {engine.stats['block_rows']} shared-block rows in "
+             f"{engine.stats['engine_steps']} engine steps")
   print(f"{line}; wrote {path}", flush=True)
   return records
+
+
+def make_engine(g: mlc.ConfigDict, model) -> engine_lib.Engine:
+  """The engine config.generate.engine names (slots, max_len, sampling of config.generate); a
+  model the depth-wise engine cannot serve is a ConfigError naming the model key."""
+  kw = dict(slots=g.slots, max_len=g.max_len, temperature=g.temperature, top_p=g.top_p)
+  if g.engine == "sequence":
+    return engine_lib.Engine(model, **kw)
+  try:
+    return engine_lib.DepthwiseEngine(model, block_rows=g.block_rows or None, **kw)
+  except ValueError as e:
+    raise ConfigError(f"config.generate.engine='depthwise': {str(e).split(': ', 1)[1]}") from e
 
 
 def continuation(tok: Tokenizer, tokens: list[int]) -> str:
