@@ -174,6 +174,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.generate.top_p = 0.95  # sample from the likeliest tokens holding this much mass (1: all)
   c.generate.seed = 0  # sampling key jax.random.key(seed) (unused when greedy)
   c.generate.num_samples = 1  # continuations of the prompt, decoded as one batch
+  c.generate.prompts_file = ""  # serve one prompt per line through the engine (replaces prompt)
+  c.generate.slots = 8  # prompts_file: requests decoded at once (cache rows of the engine)
+  c.generate.max_len = 256  # prompts_file: cache entries per slot (prompt + num_tokens must fit)
+  c.generate.engine = "sequence"  # prompts_file: sequence (any model) | depthwise (MoR, expert)
+  c.generate.block_rows = 0  # engine=depthwise: rows of the shared-block batch per step (0: slots)
 
   c.wandb = mlc.ConfigDict()
   c.wandb.mode = "offline"  # offline | online | disabled

@@ -279,6 +279,20 @@ def validate_generate(cfg: mlc.ConfigDict) -> None:
   _positive(cfg, "generate.num_tokens")
   _check(g.temperature >= 0, "generate.temperature", g.temperature, "must be >= 0 (0: greedy)")
   _positive(cfg, "generate.num_samples")
+  _positive(cfg, "generate.slots")
+  _check(g.max_len >= 2, "generate.max_len", g.max_len, "must be >= 2 (a prompt token and one "
+         "generated token)")
+  _one_of(cfg, "generate.engine", ("sequence", "depthwise"))
+  _check(0 <= g.block_rows <= g.slots, "generate.block_rows", g.block_rows,
+         f"must be in 0..config.generate.slots={g.slots} (0: slots)")
+  if g.prompts_file:
+    _check(os.path.isfile(g.prompts_file), "generate.prompts_file", g.prompts_file,
+           "no such file")
+    with open(g.prompts_file, encoding="utf-8") as f:
+      _check(any(line.strip() for line in f), "generate.prompts_file", g.prompts_file,
+             "holds no prompt (one per line; blank lines are skipped)")
+    _check(g.num_samples == 1, "generate.num_samples", g.num_samples,
+           "must be 1 with config.generate.prompts_file (each line is served once)")
 
 
 def validate(cfg: mlc.ConfigDict) -> None:

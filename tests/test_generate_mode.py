@@ -8,20 +8,34 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 import pytest
+from flax import nnx
 from tokenizers import Tokenizer
 
+from research import config as config_lib
 from research.analysis import routing
+from research.config import ConfigError
 from research.infer import decode, generate
-from tests import launch_util
+from research.infer import engine as engine_lib
+from research.model.lm import LanguageModel
+from tests import launch_util, model_util
 
 
-def test_launch_generate_prints_the_checkpoints_sampled_continuations(tmp_path):
-  """A 4-step expert-choice MoR run (trained with top-k; decoding routes by threshold), decoded
-  with the default sampling (temperature 0.8, top-p 0.95), then greedily."""
-  launcher = launch_util.Launcher(tmp_path / "shared", config="configs/mor.py:tiny")
-  workdir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[launch_util.Launcher, str]:
+  """(launcher, workdir) of a 4-step expert-choice MoR run (trained with top-k; decoding routes
+  by threshold)."""
+  root = tmp_path_factory.mktemp("generate")
+  launcher = launch_util.Launcher(root / "shared", config="configs/mor.py:tiny")
+  workdir = root / "run"
   result = launcher.run(workdir, {"model.num_layers": 5, "train.steps": 4})
   assert result.returncode == 0, result.stderr
+  return launcher, workdir
+
+
+def test_launch_generate_prints_the_checkpoints_sampled_continuations(trained):
+  """The tiny run decoded with the default sampling (temperature 0.8, top-p 0.95), then
+  greedily."""
+  launcher, workdir = trained
   knobs = {"mode": "generate", "model.num_layers": 5, "generate.prompt": "KING",
            "generate.num_tokens": 6, "generate.num_samples": 2}
   sampled = launcher.run(workdir, knobs)
@@ -45,6 +59,95 @@ def test_launch_generate_prints_the_checkpoints_sampled_continuations(tmp_path):
   header = f"step 4: 6 tokens after a {len(ids)}-token prompt, greedy"
   assert f"{header}\n[0] KING{text}\n" in greedy.stdout
   assert f"\n[1] KING{text}\n" in greedy.stdout
+
+
+def test_launch_generate_serves_a_prompts_file_through_the_engine(trained, tmp_path):
+  """Three prompts (one blank line skipped) through 2 slots, greedy: generations.jsonl holds
+  each prompt's decode.generate continuation alone, its depths, and the summary line prints
+  tokens/s and the mean depth; a progress bar goes to stderr."""
+  launcher, workdir = trained
+  prompts = ["KING", "ROMEO: O", "", "First Citizen:"]
+  path = tmp_path / "prompts.txt"
+  path.write_text("\n".join(prompts) + "\n")
+  knobs = {"mode": "generate", "model.num_layers": 5, "generate.prompts_file": str(path),
+           "generate.num_tokens": 5, "generate.temperature": 0, "generate.slots": 2,
+           "generate.max_len": 32}
+  result = launcher.run(workdir, knobs)
+  assert result.returncode == 0, result.stderr
+  assert "3/3" in result.stderr  # tqdm
+  with open(workdir / "generations.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert [r["prompt"] for r in records] == [p for p in prompts if p]
+
+  loaded = routing.load_run(str(workdir))
+  tok = loaded.run.tokenizer
+  for r in records:
+    ids = tok.encode(r["prompt"], add_special_tokens=False).ids
+    want = np.asarray(decode.generate(loaded.model, jnp.asarray([ids]), 5, max_len=32))[0].tolist()
+    eos = tok.token_to_id("<|endoftext|>")
+    want = want[:want.index(eos) + 1] if eos in want else want
+    assert r["tokens"] == want
+    assert r["completion"] == generate.continuation(tok, want)
+    assert r["finish"] == ("eos" if eos in want else "length")
+    assert 0 <= r["mean_depth"] <= 3 and r["time_s"] >= 0
+  total = sum(len(r["tokens"]) for r in records)
+  assert "serving 3 prompts" in result.stdout and "sequence engine" in result.stdout
+  assert f"{total} tokens in " in result.stdout and "tokens/s" in result.stdout
+  assert "mean depth " in result.stdout
+
+  depthwise = launcher.run(workdir, dict(knobs, **{"generate.engine": "depthwise",
+                                                   "generate.block_rows": 1}))
+  assert depthwise.returncode == 0, depthwise.stderr
+  with open(workdir / "generations.jsonl") as f:
+    again = [json.loads(line) for line in f]
+  assert [r["tokens"] for r in again] == [r["tokens"] for r in records]
+  np.testing.assert_allclose([r["mean_depth"] for r in again], [r["mean_depth"] for r in records])
+  assert "depthwise engine" in depthwise.stdout and "shared-block rows in " in depthwise.stdout
+
+
+def test_launch_generate_refuses_bad_prompts_files_with_one_error_line(trained, tmp_path):
+  """A missing file and a prompt longer than the cache: one error line naming the key, exit 1.
+  An empty file is refused by the config check alike."""
+  launcher, workdir = trained
+  knobs = {"mode": "generate", "model.num_layers": 5, "generate.num_tokens": 4}
+  missing = launcher.run(workdir, dict(knobs, **{"generate.prompts_file": tmp_path / "no.txt"}))
+  assert missing.returncode == 1
+  assert missing.stderr.strip().splitlines()[-1] == (
+      f"error: config.generate.prompts_file='{tmp_path / 'no.txt'}': no such file")
+  long = tmp_path / "long.txt"
+  long.write_text("KING\n" + "ROMEO " * 40 + "\n")
+  too_long = launcher.run(workdir, dict(knobs, **{"generate.prompts_file": long,
+                                                  "generate.max_len": 16}))
+  assert too_long.returncode == 1
+  last = too_long.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: config.generate.max_len=16: line 2 of ") and "fit" in last
+  assert "serving" not in too_long.stdout  # refused before the engine was built
+
+  empty = tmp_path / "empty.txt"
+  empty.write_text("\n  \n")
+  cfg = model_util.tiny_config()
+  cfg.mode, cfg.generate.prompts_file = "generate", str(empty)
+  with pytest.raises(ConfigError, match=r"config\.generate\.prompts_file='.*empty\.txt': holds no"):
+    config_lib.validate(cfg)
+  cfg.generate.prompts_file = str(long)
+  cfg.generate.num_samples = 2
+  with pytest.raises(ConfigError, match=r"config\.generate\.num_samples=2: must be 1"):
+    config_lib.validate(cfg)
+
+
+def test_the_depthwise_engine_refuses_a_model_it_cannot_serve_naming_the_key():
+  cfg = model_util.tiny_config()
+  with nnx.use_eager_sharding(False):
+    model = LanguageModel(cfg.model, rngs=nnx.Rngs(0))
+  cfg.generate.engine = "depthwise"
+  with pytest.raises(ConfigError, match=r"config\.generate\.engine='depthwise': "
+                     r"config\.model\.mor\.kind: must be 'expert'"):
+    generate.make_engine(cfg.generate, model)
+  cfg.generate.engine = "sequence"
+  assert type(generate.make_engine(cfg.generate, model)) is engine_lib.Engine
+  cfg.generate.block_rows = 9
+  with pytest.raises(ConfigError, match=r"config\.generate\.block_rows=9: must be in 0\.\.config"):
+    config_lib.validate(cfg)
 
 
 def test_top_p_samples_only_from_the_nucleus():
