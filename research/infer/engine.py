@@ -124,8 +124,7 @@ class Engine:
     self.temperature, self.top_p = float(temperature), float(top_p)
     self.routed = model.core.rule is not None  # MoR: tokens' depths are recorded
     self.graphdef, self.state = nnx.split(model)
-    # own buffers per leaf (init_cache shares its zeros), as the compiled steps donate the cache
-    self.cache = jax.tree.map(lambda a: jnp.array(a, copy=True), model.init_cache(slots, max_len))
+    self.cache = model.init_cache(slots, max_len)  # donated to the compiled steps
     self.traces: collections.Counter[str] = collections.Counter()  # one per compilation
     self.stats: collections.Counter[str] = collections.Counter()
     self._decode = jax.jit(self._decode_fn, donate_argnums=1)
