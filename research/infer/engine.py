@@ -162,14 +162,9 @@ class Engine:
       return _finish(requests[c.request], c, token, start, done, on_finish)
 
     while queue or any(c is not None for c in owner):
-      free = [s for s in range(self.slots) if owner[s] is None]
-      if queue and free:
-        take = [queue.popleft() for _ in range(min(len(free), self.prefill_batch, len(queue)))]
-        for s, (c, first) in zip(free, self._admit(requests, take, free, start), strict=False):
-          if not finish(c, first):
-            owner[s] = c
-            token_B[s], index_B[s] = c.tokens[-1], 1
-            key_B2[s] = _key_data(requests[c.request].seed)
+      for s, c, first in self._fill(requests, queue, owner, start, finish):
+        token_B[s], index_B[s] = first, 1
+        key_B2[s] = _key_data(requests[c.request].seed)
       active_B = np.asarray([c is not None for c in owner])
       if active_B.any():
         self.cache, next_B, depth_B = self._decode(self.state, self.cache, token_B, active_B,
@@ -186,6 +181,23 @@ class Engine:
           else:
             token_B[s], index_B[s] = next_B[s], index_B[s] + 1
     return [done[i] for i in range(len(requests))]
+
+  def _fill(self, requests: Sequence[Request], queue: collections.deque,
+            owner: list["Completion | None"], start: float, finish: Callable
+            ) -> list[tuple[int, "Completion", int]]:
+    """Admission: if slots are free and requests wait, one prefill call takes up to
+    prefill_batch of them into the free slots (`owner` updated); (slot, completion, first token)
+    of each that did not already finish at its first token."""
+    free = [s for s in range(self.slots) if owner[s] is None]
+    if not (queue and free):
+      return []
+    take = [queue.popleft() for _ in range(min(len(free), self.prefill_batch, len(queue)))]
+    admitted = []
+    for s, (c, first) in zip(free, self._admit(requests, take, free, start), strict=False):
+      if not finish(c, first):
+        owner[s] = c
+        admitted.append((s, c, first))
+    return admitted
 
   def _admit(self, requests: Sequence[Request], take: list[int], free: list[int],
              start: float) -> list[tuple[Completion, int]]:
@@ -338,13 +350,9 @@ class DepthwiseEngine(Engine):
       return _finish(requests[c.request], c, token, start, done, on_finish)
 
     while queue or any(c is not None for c in owner):
-      free = [s for s in range(self.slots) if owner[s] is None]
-      if queue and free:
-        take = [queue.popleft() for _ in range(min(len(free), self.prefill_batch, len(queue)))]
-        for s, (c, first) in zip(free, self._admit(requests, take, free, start), strict=False):
-          if not finish(c, first):
-            owner[s], token_S[s], enter_S[s], index_S[s] = c, first, True, 1
-            key_S2[s] = _key_data(requests[c.request].seed)
+      for s, c, first in self._fill(requests, queue, owner, start, finish):
+        token_S[s], enter_S[s], index_S[s] = first, True, 1
+        key_S2[s] = _key_data(requests[c.request].seed)
       if not any(c is not None for c in owner):
         continue
       self.cache, flight, next_S, exited_S, depth_S, rows = self._step(
