@@ -141,6 +141,8 @@ def validate_mor(cfg: mlc.ConfigDict) -> None:
     _one_of(cfg, "model.mor.token.balancing", ("loss", "loss_free", "none"))
     for key in ("bal_coeff", "bias_rate", "bal_warmup_steps", "capacity_factor"):
       _check(tc[key] >= 0, f"model.mor.token.{key}", tc[key], "must be >= 0")
+    _check(tc.exact_buckets >= 1, "model.mor.token.exact_buckets", tc.exact_buckets,
+           "must be >= 1 (1: exact steps keep the whole row)")
     _check(mor.kv != "share_update", "model.mor.kv", mor.kv,
            "share_update is the expert-choice hybrid; use cache or share")
     if mor.kv == "share":

@@ -240,12 +240,53 @@ def test_gathered_path_equals_the_masked_reference(name):
   for y in (y_g, y_m):  # rows no step selected are bit-identical to the input
     np.testing.assert_array_equal(np.asarray(y)[~ran], np.asarray(x)[~ran])
   assert (~ran).any()
-  for k in aux_g:
+  for k in set(aux_g) - {"mor/computed_frac"}:  # the slots run: the buffers vs the whole row
     np.testing.assert_allclose(aux_g[k], aux_m[k], atol=1e-5, rtol=1e-5, err_msg=k)
   if "token" in name:
+    np.testing.assert_allclose(aux_g["mor/computed_frac"], np.asarray([13, 9, 5]) / T)
     assert {"mor/load", "mor/maxvio", "mor/entropy", "loss/mor_balance"} <= set(aux_g)
   else:
     assert aux_g["mor/threshold_acc"].shape == (3,) and aux_g["mor/hist_selected"].shape == (3, 10)
+
+
+EXACT = {"kind": "token", "token.gate": "every"}  # capacity_factor 0: no token is dropped
+
+
+def test_exact_token_choice_runs_each_step_in_the_smallest_bucket_with_the_same_results():
+  """Exact token choice (capacity_factor 0) runs step r >= 2 on a static bucket of
+  ceil(i T / 4) slots (mor.exact_step) instead of the whole row: values and gradients equal the
+  whole-row run (exact_buckets=1) and the masked reference."""
+  assert mor.exact_sizes(16, 4) == (4, 8, 12, 16) and mor.exact_sizes(5, 4) == (2, 3, 4, 5)
+  x, tok = inputs()
+  results = {}
+  for name, extra in [("bucketed", {}), ("row", {"token.exact_buckets": 1}),
+                      ("masked", {"impl": "masked"})]:
+    core, fwd = core_and_forward(**EXACT, **extra)
+    y, aux, routes = fwd(core, x, tok)
+    graphdef, state = nnx.split(core)
+
+    def loss(state, x, graphdef=graphdef):
+      y, aux, _ = nnx.merge(graphdef, state).forward(x, tok)
+      return jnp.sum(jnp.sin(y)) + aux["loss/mor_balance"]
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(state, x)
+    results[name] = (y, aux, routes, grads)
+  y, aux, routes, (g_state, g_x) = results["bucketed"]
+  counts = [int(np.max(np.sum(np.asarray(s), axis=1))) for s in routes.selected]
+  sizes = [T] + [min(k for k in mor.exact_sizes(T, 4) if k >= c) for c in counts[1:]]
+  assert min(sizes) < T  # the input makes some step run on fewer slots than the row
+  np.testing.assert_allclose(aux["mor/computed_frac"], np.asarray(sizes) / T)
+  for other in ("row", "masked"):
+    y_o, aux_o, routes_o, (g_state_o, g_x_o) = results[other]
+    np.testing.assert_array_equal(aux_o["mor/computed_frac"], np.ones(3))
+    np.testing.assert_array_equal(routes.depth, routes_o.depth)
+    np.testing.assert_allclose(y, y_o, atol=2e-5, rtol=1e-5, err_msg=other)
+    for k in set(aux) - {"mor/computed_frac"}:
+      np.testing.assert_allclose(aux[k], aux_o[k], atol=1e-5, rtol=1e-5, err_msg=f"{other} {k}")
+    np.testing.assert_allclose(g_x, g_x_o, atol=2e-5, rtol=1e-4, err_msg=other)
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(g_state),
+                                 jax.tree_util.tree_leaves_with_path(g_state_o), strict=True):
+      np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4, err_msg=f"{other} {path}")
 
 
 def test_a_block_attending_over_stored_kv_reproduces_the_block():

@@ -88,7 +88,7 @@ def test_gathered_equals_masked_with_lora_norms_or_moe(kind, moe):
   np.testing.assert_allclose(np.asarray(y_g)[ran], np.asarray(y_m)[ran], atol=3e-5, rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(y_g)[~ran], np.asarray(x)[~ran])
   assert (~ran).any() and (np.asarray(d_g) == 3).any()
-  for k in aux_g:
+  for k in set(aux_g) - {"mor/computed_frac"}:  # token choice: its steps' buckets vs the row
     np.testing.assert_allclose(aux_g[k], aux_m[k], atol=1e-5, rtol=1e-5, err_msg=k)
   if moe:
     assert aux_g["moe/layers"] == 3  # the one shared MoE layer, applied at each of the 3 steps

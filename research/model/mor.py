@@ -247,22 +247,32 @@ class TokenChoice(Rule):
         before_BN = jnp.stack([jnp.sum(carry.depth >= r + 1, axis=1) for r in range(nr)], 1)
       depth_BT = routing.capped_depths(depth_BT, buffers, before_BN)
     x1_BTD, state_BTD = x_BTD, x_BTD
-    selected, all_slots, auxes = [], [], []
+    selected, all_slots, auxes, computed = [], [], [], []
     for r in range(nr):
       active_BT = depth_BT >= r + 1
-      if c.impl == "gather" and buffers[r] < t and not decoding:
+
+      def run(slots, state_BTD, carry, r=r):
+        """Step r on `slots`: the new state and (aux, carry)."""
+        x1_BKD, w_BK, d_BK = (routed.gather(a, slots) for a in (x1_BTD, gate_BT, depth_BT))
+
+        def update(x_BKD, y_BKD):
+          return token_update(tc.gate, r, x_BKD, x1_BKD, y_BKD, w_BK, d_BK)
+
+        return core.run_step(r, state_BTD, tok, slots, carry, mode="set", then=update)
+
+      gathered = c.impl == "gather" and not decoding
+      chosen, slots_r = None, jnp.asarray(t, jnp.int32)
+      if gathered and buffers[r] < t:
         slots = routed.Slots(*routing.first_come(active_BT, buffers[r]))
-        chosen = (slots.idx, slots.valid)
-      else:  # the whole row in place: masked reference, decoding, or a buffer of every token
-        slots, chosen = routed.in_place(active_BT), None
-      x1_BKD, w_BK, d_BK = (routed.gather(a, slots) for a in (x1_BTD, gate_BT, depth_BT))
-
-      def update(x_BKD, y_BKD, r=r, x1_BKD=x1_BKD, w_BK=w_BK, d_BK=d_BK):
-        return token_update(tc.gate, r, x_BKD, x1_BKD, y_BKD, w_BK, d_BK)
-
-      state_BTD, (aux, carry) = core.run_step(r, state_BTD, tok, slots, carry, mode="set",
-                                              then=update)
+        chosen, slots_r = (slots.idx, slots.valid), jnp.asarray(buffers[r], jnp.int32)
+        state_BTD, (aux, carry) = run(slots, state_BTD, carry)
+      elif gathered and r > 0 and tc.exact_buckets > 1:  # exact: the smallest bucket that fits
+        state_BTD, (aux, carry), slots_r = exact_step(run, active_BT, state_BTD, carry,
+                                                      tc.exact_buckets)
+      else:  # the whole row in place: masked reference, decoding, step 1 of exact mode
+        state_BTD, (aux, carry) = run(routed.in_place(active_BT), state_BTD, carry)
       auxes.append(aux)
+      computed.append(slots_r.astype(jnp.float32) / t)
       selected.append(active_BT)
       all_slots.append(chosen)
     load_N = routing.load(choice_BT, valid_BT, nr)
@@ -273,6 +283,7 @@ class TokenChoice(Rule):
         "mor/maxvio": routing.max_violation(load_N),
         "mor/entropy": routing.mean_prob_entropy(probs_BTN, valid_BT),
         "mor/hist_gate": routing.histogram(gate_BT / tc.alpha, valid_BT, BINS),
+        "mor/computed_frac": jnp.stack(computed),  # [Nr] slots each step ran on, over T
     }
     if tc.balancing == "loss":
       aux["loss/mor_balance"] = tc.bal_coeff * aux["mor/balance"]
@@ -299,6 +310,30 @@ class TokenChoice(Rule):
   def warming(self, core) -> Array:
     """Whether the balance warm-up is still on (counter < bal_warmup_steps)."""
     return core.counter[...] < self.cfg.token.bal_warmup_steps
+
+
+def exact_sizes(seq_len: int, buckets: int) -> tuple[int, ...]:
+  """Static slot counts of exact token choice: ceil(i T / n) for i = 1..n (n = buckets)."""
+  return tuple(sorted({-(-i * seq_len // buckets) for i in range(1, buckets + 1)}))
+
+
+def exact_step(run, active_BT: Array, state_BTD: Array, carry: Carry, buckets: int):
+  """Exact token choice, step r on its tokens only: K = the smallest of `exact_sizes` that holds
+  every row's active tokens (first come, so nothing is dropped), chosen at run time by
+  lax.switch over one compiled step per size. Equal to the step over the whole row in place.
+  Returns run's (state, (aux, carry)) and K."""
+  t = active_BT.shape[1]
+  sizes = jnp.asarray(exact_sizes(t, buckets), jnp.int32)
+  count = jnp.max(jnp.sum(active_BT, axis=1, dtype=jnp.int32))
+  branch = jnp.searchsorted(sizes, count)
+
+  def at(k):
+    slots = (routed.in_place(active_BT) if k == t
+             else routed.Slots(*routing.first_come(active_BT, k)))
+    return lambda state_BTD, carry: run(slots, state_BTD, carry)
+
+  branches = [at(k) for k in exact_sizes(t, buckets)]
+  return (*jax.lax.switch(branch, branches, state_BTD, carry), sizes[branch])
 
 
 def make_rule(m: mlc.ConfigDict) -> Rule | None:
