@@ -39,8 +39,11 @@ def experiment_configs():
   vanilla = vanilla_configs.get_config("tiny")
   vanilla.model.num_layers = recursive.model.num_layers
   out = {}
+  share = mor_configs.get_config("tiny,expert")
+  share.model.mor.kv = "share"
   for name, c in (("vanilla", vanilla), ("recursive", recursive),
-                  ("mor", mor_configs.get_config("tiny,expert"))):
+                  ("mor", mor_configs.get_config("tiny,expert")),
+                  ("mor_token", mor_configs.get_config("tiny,token")), ("mor_share", share)):
     c.data.seq_len, c.model.d_model, c.model.d_ff = T, 32, 64
     config_lib.validate(c)
     out[name] = config_lib.with_derived(c, c.data.bpe_vocab_size).model
@@ -61,7 +64,7 @@ def test_output_has_a_row_per_model_with_times_and_ratios(result):
     if row["model"] in row["ratio"]:
       assert row["ratio"][row["model"]]["measured"] == pytest.approx(1.0)
   table = printed.splitlines()
-  assert sum(line.startswith(f"| {m} |") for line in table for m in bench.MODELS) == 3
+  assert sum(line.startswith(f"| {m} |") for line in table for m in bench.MODELS) == 5
   # --pieces: a block and its halves at each MoR step's k_r = floor(c_r T), c = 1, 2/3, 1/3
   assert [p["tokens"] for p in res["pieces"]] == [32, 21, 10]
   for p in res["pieces"]:
@@ -74,12 +77,22 @@ def test_analytic_ratios_are_flops_py_for_the_experiment_configs(result):
   for row in res["rows"]:
     for base in ("vanilla", "recursive"):
       r = row["ratio"][base]
-      for key, count in (("exact", flops.train_flops_per_token),
+      needed, ran = row["step_tokens_needed"], row["step_tokens_ran"]
+      for key, count in (("exact", lambda m, t: flops.train_flops_per_token(m, t, needed)),
+                         ("bucketed", lambda m, t: flops.train_flops_per_token(m, t, ran)),
                          ("paper", flops.paper_flops_per_token)):
         want = count(m[row["model"]], T) / count(m[base], T)
         assert r[key] == pytest.approx(want, rel=1e-12), (row["model"], base, key)
-  mor = {row["model"]: row for row in res["rows"]}["mor"]
-  assert mor["ratio"]["recursive"]["exact"] < 1  # the gathered steps count fewer tokens
+  by_name = {row["model"]: row for row in res["rows"]}
+  assert by_name["mor"]["ratio"]["recursive"]["exact"] < 1  # the gathered steps count fewer
+  for name in ("vanilla", "recursive", "mor", "mor_share"):
+    assert by_name[name]["step_tokens_needed"] is None
+  # exact token choice: step 1 runs every token, later steps what their depths need, in buckets
+  needed, ran = by_name["mor_token"]["step_tokens_needed"], by_name["mor_token"]["step_tokens_ran"]
+  assert needed[0] == pytest.approx(T) and ran[0] == T
+  assert all(n <= k for n, k in zip(needed, ran, strict=True))
+  assert set(ran) <= {8, 16, 24, 32}  # mor.exact_sizes(32, 4)
+  assert by_name["mor_token"]["ratio"]["recursive"]["exact"] < 1
 
 
 def test_compiled_mor_step_executes_fewer_flops_than_the_recursive_one(result):

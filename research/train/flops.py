@@ -7,7 +7,9 @@ are free. A routed (MoE) FFN counts its router and the experts it runs: top k + 
 for impl="dense"; dropped assignments still count, an upper bound with capacity), C times for
 Chain-of-Experts (the inner residual adds are free). A MoR core
 counts what its implementation really computes: the gathered tokens of each step (k_r for expert
-choice, the slots for token choice), or the full length for impl="masked".
+choice, the slots for token choice), or the full length for impl="masked". Exact token choice
+(capacity_factor 0) runs each step on a data-dependent bucket (mor.exact_step): it is counted at
+the full length, an upper bound, unless `step_tokens` gives the tokens each step ran on.
 
 `paper_flops_per_token`: the MoR paper's App. D convention (docs/methods/mor.md §4.3), forward
 only: K/V projections counted as d x d (GQA ignored), attention 2*d*T per layer, no embedding or
@@ -77,7 +79,8 @@ def computed_tokens(m: mlc.ConfigDict, seq_len: int) -> tuple[int, ...]:
   return routing.tokens_per_step(mor.capacities(m), seq_len)
 
 
-def router_flops(m: mlc.ConfigDict, seq_len: int) -> float:
+def router_flops(m: mlc.ConfigDict, seq_len: int,
+                 step_tokens: tuple[float, ...] | None = None) -> float:
   """Forward FLOPs per token of the MoR routers over their candidates."""
   d, nr = m.d_model, m.recursion.num_recursions
   hidden = routers.HIDDEN[m.mor.router] * d
@@ -87,13 +90,15 @@ def router_flops(m: mlc.ConfigDict, seq_len: int) -> float:
 
   if m.mor.kind == "token":
     return per_token(nr)
-  candidates = (seq_len, *computed_tokens(m, seq_len)[:-1])
+  candidates = (seq_len, *(step_tokens or computed_tokens(m, seq_len))[:-1])
   copies = 2 if m.mor.expert.sampling == "aux_router" else 1
   return copies * per_token(1) * sum(candidates) / seq_len
 
 
-def forward_flops_per_token(m: mlc.ConfigDict, seq_len: int) -> float:
-  """Forward FLOPs per token (module docstring: what each implementation really computes)."""
+def forward_flops_per_token(m: mlc.ConfigDict, seq_len: int,
+                            step_tokens: tuple[float, ...] | None = None) -> float:
+  """Forward FLOPs per token (module docstring: what each implementation really computes);
+  `step_tokens`: the tokens per row each MoR step ran on, in place of computed_tokens."""
   head = 2.0 * m.d_model * m.vocab_size
   if m.mor.kind == "none":
     return head + sum(layer_matmul_flops(m, routed) + layer_attention_flops(m, seq_len)
@@ -102,10 +107,10 @@ def forward_flops_per_token(m: mlc.ConfigDict, seq_len: int) -> float:
   kv_proj = 2.0 * 2 * m.d_model * m.num_kv_heads * m.head_dim
   routed = routed_depths(m)
   outer = [*routed[:plan.prelude], *routed[len(routed) - plan.coda:]]
-  total = head + router_flops(m, seq_len) + sum(
+  total = head + router_flops(m, seq_len, step_tokens) + sum(
       layer_matmul_flops(m, x) + layer_attention_flops(m, seq_len) for x in outer)
   shared = [moe.is_moe_layer(m, plan.prelude + j) for j in range(plan.num_shared)]
-  for r, n in enumerate(computed_tokens(m, seq_len)):
+  for r, n in enumerate(step_tokens or computed_tokens(m, seq_len)):
     for x in shared:
       if r == 0 or m.mor.kv == "cache":
         step = layer_matmul_flops(m, x) + layer_attention_flops(m, n)
@@ -116,8 +121,9 @@ def forward_flops_per_token(m: mlc.ConfigDict, seq_len: int) -> float:
   return total
 
 
-def train_flops_per_token(m: mlc.ConfigDict, seq_len: int) -> float:
-  return 3.0 * forward_flops_per_token(m, seq_len)
+def train_flops_per_token(m: mlc.ConfigDict, seq_len: int,
+                          step_tokens: tuple[float, ...] | None = None) -> float:
+  return 3.0 * forward_flops_per_token(m, seq_len, step_tokens)
 
 
 def paper_flops_per_token(m: mlc.ConfigDict, seq_len: int) -> float:
