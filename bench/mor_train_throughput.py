@@ -10,8 +10,9 @@ capacities (Nr - r + 1) / Nr; `mor_token` token choice in its exact mode (capaci
 steps in static buckets: mor.exact_step); `mor_share` expert choice with KV sharing. `--models`
 picks a subset (vanilla always runs: the ratios are over it). Each real train step
 (research/train/step.py) is jitted and compiled once, then the steps run round-robin (vanilla,
-recursive, mor, ..., vanilla, ...) in this one process so that machine noise hits all alike. Step time: a model's median over `--steps` rounds; measured ratio: the median over rounds
-of the ratio within a round. "cores busy" is CPU-seconds per step over the step time (2 on an idle
+recursive, mor, ..., vanilla, ...) in this one process so that machine noise hits all alike.
+Step time: a model's median over `--steps` rounds; measured ratio: the median over rounds of the
+ratio within a round. "cores busy" is CPU-seconds per step over the step time (2 on an idle
 2-core machine; near 1 when another job takes a core). Random tokens, one document per row.
 
 Analytic ratios, each MoR (or recursive) over vanilla:
@@ -227,6 +228,7 @@ def benchmark(preset: str = "small", seq_len: int = 1024, batch: int = 4, nr: in
         "cores_busy": busy[name], "compile_s": compile_s[name],
         "exact_flops_per_token": exact[name], "bucketed_flops_per_token": bucketed[name],
         "step_tokens_needed": tokens[name][0], "step_tokens_ran": tokens[name][1],
+        "exact_buckets": cfgs[name].model.mor.token.exact_buckets,
         "paper_flops_per_token": paper[name],
         "compiled_flops_per_step": compiled_flops[name], "ratio": ratio,
     })

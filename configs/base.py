@@ -80,7 +80,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.mor.token.bias_rate = 0.001  # loss_free: u, the bias change per optimizer step
   c.model.mor.token.bal_warmup_steps = 0  # optimizer steps with every token at depth Nr, bias 0
   c.model.mor.token.capacity_factor = 0.0  # >0: slots per step f*T*(Nr-r+1)/Nr, overflow exits
-  c.model.mor.token.exact_buckets = 4  # f = 0: step r runs in the smallest of n static sizes
+  c.model.mor.token.exact_buckets = 8  # f = 0: step r runs in the smallest of n static sizes
 
   # Routed Mixture-of-Experts in the FFN slot (docs/moe.md): token choice over E SwiGLU experts.
   c.model.moe = mlc.ConfigDict()

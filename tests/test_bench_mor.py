@@ -13,6 +13,7 @@ from configs import mor as mor_configs
 from configs import recursive as recursive_configs
 from configs import vanilla as vanilla_configs
 from research import config as config_lib
+from research.model import mor as mor_lib
 from research.train import flops
 
 T, STEPS = 32, 2
@@ -78,9 +79,10 @@ def test_analytic_ratios_are_flops_py_for_the_experiment_configs(result):
     for base in ("vanilla", "recursive"):
       r = row["ratio"][base]
       needed, ran = row["step_tokens_needed"], row["step_tokens_ran"]
-      for key, count in (("exact", lambda m, t: flops.train_flops_per_token(m, t, needed)),
-                         ("bucketed", lambda m, t: flops.train_flops_per_token(m, t, ran)),
-                         ("paper", flops.paper_flops_per_token)):
+      for key, count in (
+          ("exact", lambda m, t, n=needed: flops.train_flops_per_token(m, t, n)),
+          ("bucketed", lambda m, t, n=ran: flops.train_flops_per_token(m, t, n)),
+          ("paper", flops.paper_flops_per_token)):
         want = count(m[row["model"]], T) / count(m[base], T)
         assert r[key] == pytest.approx(want, rel=1e-12), (row["model"], base, key)
   by_name = {row["model"]: row for row in res["rows"]}
@@ -91,7 +93,8 @@ def test_analytic_ratios_are_flops_py_for_the_experiment_configs(result):
   needed, ran = by_name["mor_token"]["step_tokens_needed"], by_name["mor_token"]["step_tokens_ran"]
   assert needed[0] == pytest.approx(T) and ran[0] == T
   assert all(n <= k for n, k in zip(needed, ran, strict=True))
-  assert set(ran) <= {8, 16, 24, 32}  # mor.exact_sizes(32, 4)
+  buckets = by_name["mor_token"]["exact_buckets"]
+  assert buckets == 8 and set(ran) <= set(mor_lib.exact_sizes(T, buckets))
   assert by_name["mor_token"]["ratio"]["recursive"]["exact"] < 1
 
 

@@ -249,7 +249,8 @@ def test_gathered_path_equals_the_masked_reference(name):
     assert aux_g["mor/threshold_acc"].shape == (3,) and aux_g["mor/hist_selected"].shape == (3, 10)
 
 
-EXACT = {"kind": "token", "token.gate": "every"}  # capacity_factor 0: no token is dropped
+EXACT = {"kind": "token", "token.gate": "every",  # capacity_factor 0: no token is dropped
+         "token.exact_buckets": 4}
 
 
 def test_exact_token_choice_runs_each_step_in_the_smallest_bucket_with_the_same_results():
@@ -261,7 +262,7 @@ def test_exact_token_choice_runs_each_step_in_the_smallest_bucket_with_the_same_
   results = {}
   for name, extra in [("bucketed", {}), ("row", {"token.exact_buckets": 1}),
                       ("masked", {"impl": "masked"})]:
-    core, fwd = core_and_forward(**EXACT, **extra)
+    core, fwd = core_and_forward(**{**EXACT, **extra})
     y, aux, routes = fwd(core, x, tok)
     graphdef, state = nnx.split(core)
 

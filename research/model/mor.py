@@ -268,7 +268,7 @@ class TokenChoice(Rule):
         state_BTD, (aux, carry) = run(slots, state_BTD, carry)
       elif gathered and r > 0 and tc.exact_buckets > 1:  # exact: the smallest bucket that fits
         state_BTD, (aux, carry), slots_r = exact_step(run, active_BT, state_BTD, carry,
-                                                      tc.exact_buckets)
+                                                      tc.exact_buckets, checkpoint=not core.remat)
       else:  # the whole row in place: masked reference, decoding, step 1 of exact mode
         state_BTD, (aux, carry) = run(routed.in_place(active_BT), state_BTD, carry)
       auxes.append(aux)
@@ -317,11 +317,18 @@ def exact_sizes(seq_len: int, buckets: int) -> tuple[int, ...]:
   return tuple(sorted({-(-i * seq_len // buckets) for i in range(1, buckets + 1)}))
 
 
-def exact_step(run, active_BT: Array, state_BTD: Array, carry: Carry, buckets: int):
+def exact_step(run, active_BT: Array, state_BTD: Array, carry: Carry, buckets: int, *,
+               checkpoint: bool):
   """Exact token choice, step r on its tokens only: K = the smallest of `exact_sizes` that holds
   every row's active tokens (first come, so nothing is dropped), chosen at run time by
   lax.switch over one compiled step per size. Equal to the step over the whole row in place.
-  Returns run's (state, (aux, carry)) and K."""
+  Returns run's (state, (aux, carry)) and K.
+
+  `checkpoint` rematerialises each branch in the backward pass. Under grad a switch must return
+  the residuals of every branch (zeros for those not taken); with the blocks not already
+  rematerialised these are the branches' activations, and writing them cost more than the
+  compaction saved (bench/mor_train_throughput.py, docs/benchmarks.md), while recomputing the
+  taken branch's forward costs less."""
   t = active_BT.shape[1]
   sizes = jnp.asarray(exact_sizes(t, buckets), jnp.int32)
   count = jnp.max(jnp.sum(active_BT, axis=1, dtype=jnp.int32))
@@ -330,7 +337,8 @@ def exact_step(run, active_BT: Array, state_BTD: Array, carry: Carry, buckets: i
   def at(k):
     slots = (routed.in_place(active_BT) if k == t
              else routed.Slots(*routing.first_come(active_BT, k)))
-    return lambda state_BTD, carry: run(slots, state_BTD, carry)
+    fn = lambda state_BTD, carry: run(slots, state_BTD, carry)
+    return jax.checkpoint(fn) if checkpoint else fn
 
   branches = [at(k) for k in exact_sizes(t, buckets)]
   return (*jax.lax.switch(branch, branches, state_BTD, carry), sizes[branch])
