@@ -25,8 +25,10 @@ Timing: every engine compiles (a warm-up serve), then `--rounds` rounds each ser
 request set once per (batch setting, model), round-robin in this one process; tokens/s is
 generated tokens over wall time (host scheduling included), the median over rounds, and speedup is
 the median over rounds of the ratio to vanilla's tokens/s at the same batch setting in the same
-round. Depth-wise rows also report the engine's time split (entry / core / exit / host, from its
-profile counters in one extra profiled serve).
+round. Mean depth is over every token run (prompts and generated tokens; vanilla 1), and for
+depth-wise rows also over the generated tokens fed back (block rows / edge rows). Vanilla's and
+MoR-3's rows at the fixed B also report where the time goes (prefill / decode, or prefill /
+core / exit / entry, and the host's rest), from one extra serve of a profiling engine.
 
 KV bytes per token: `kv_bytes_per_token` is what the cache allocates per slot entry (all its
 buffers over slots x max_len); `kv_bytes_per_token_used` the K/V bytes of the entries the served
@@ -57,7 +59,6 @@ from configs import vanilla as vanilla_configs
 from research import config as config_lib
 from research.analysis import routing as routing_analysis
 from research.infer import engine as engine_lib
-from research.model import mor as mor_lib
 from research.train import loop
 
 # name -> (mor.kind, Nr, mor.kv, early exit)
@@ -70,8 +71,8 @@ MODELS = {
     "recursive_exit": ("none", 3, "cache", True),
 }
 
-FULL = dict(layers=14, train_steps=300, requests=160, rounds=3, prompt_min=16, prompt_max=48,
-            gen_mean=64.0, gen_std=16.0, gen_min=16, gen_max=128)
+FULL = dict(layers=14, train_steps=100, requests=128, rounds=2, prompt_min=16, prompt_max=32,
+            gen_mean=64.0, gen_std=16.0, gen_min=16, gen_max=112)
 QUICK = dict(layers=8, train_steps=30, requests=80, rounds=1, prompt_min=8, prompt_max=24,
              gen_mean=24.0, gen_std=8.0, gen_min=4, gen_max=40)
 
@@ -82,9 +83,9 @@ flags.DEFINE_multi_string("workdir", [], "MODEL=DIR: load MODEL from this run in
 flags.DEFINE_string("train_dir", "", "Where models are trained (<dir>/<model>); a rerun resumes "
                     "them ('': a temporary directory).")
 flags.DEFINE_integer("layers", None, "Unrolled depth L (default: 14, quick 8).")
-flags.DEFINE_integer("train_steps", None, "Training steps per model (default: 300, quick 30).")
-flags.DEFINE_integer("requests", None, "Requests N (default: 160, quick 80).")
-flags.DEFINE_integer("rounds", None, "Timed round-robin rounds (default: 3, quick 1).")
+flags.DEFINE_integer("train_steps", None, "Training steps per model (default: 100, quick 30).")
+flags.DEFINE_integer("requests", None, "Requests N (default: 128, quick 80).")
+flags.DEFINE_integer("rounds", None, "Timed round-robin rounds (default: 2, quick 1).")
 flags.DEFINE_integer("batch", 32, "The fixed batch setting B (slots).")
 flags.DEFINE_integer("seed", 0, "Seed of the request set.")
 flags.DEFINE_multi_string("set", [], "dotted.key=value applied to every model's config.")
@@ -114,8 +115,9 @@ class Settings:
 
   @property
   def buckets(self) -> tuple[int, ...]:
-    """Prefill lengths: powers of two from 8 up to the first one holding prompt_max."""
-    out = [8]
+    """Prefill lengths: powers of two from the one below prompt_min (at least 8) up to the first
+    one holding prompt_max."""
+    out = [max(8, 2 ** int(math.log2(self.prompt_min)))]
     while out[-1] < self.prompt_max:
       out.append(2 * out[-1])
     return tuple(b for b in out if b <= self.max_len)
@@ -198,6 +200,22 @@ def make_requests(docs: Sequence[str], tokenizer, s: Settings, seed: int
     budget = int(np.clip(round(rng.normal(s.gen_mean, s.gen_std)), s.gen_min, s.gen_max))
     out.append(engine_lib.Request(ids[start:start + n], budget))
   return out
+
+
+def warm_requests(requests: Sequence[engine_lib.Request], buckets: Sequence[int]
+                  ) -> list[engine_lib.Request]:
+  """Two-token requests whose prompts fall in every prefill bucket (compiles them all)."""
+  pool = [t for r in requests for t in r.prompt]
+  lengths = sorted({min(b, max(len(r.prompt) for r in requests)) for b in buckets})
+  return [engine_lib.Request(pool[:n], 2) for n in lengths]
+
+
+def warm_up(engine, warm: Sequence[engine_lib.Request]) -> None:
+  """Compiles every call the timed serves make: each warm request alone (one prefill bucket
+  each), twice (the first call's outputs carry the model's sharding: one more trace)."""
+  for _ in range(2):
+    for r in warm:
+      engine.serve([r])
 
 
 def cache_bytes(model, kind: str, slots: int, max_len: int) -> int:
@@ -310,7 +328,7 @@ def benchmark(s: Settings, names: Sequence[str], workdirs: dict[str, str], train
   requests = make_requests(van.run.valid_docs, van.run.tokenizer, s, seed)
   tokens = sum(r.max_new_tokens for r in requests)
   budget = cache_bytes(van.model, "sequence", batch, s.max_len)
-  warm = [dataclasses.replace(r, max_new_tokens=2) for r in requests[:16]]
+  warm = warm_requests(requests, s.buckets)
   runs = {}  # (setting, name) -> engine; B = max equal to B: the B run's
   info, same = {}, {}
   for name, lr in loaded.items():
@@ -327,7 +345,7 @@ def benchmark(s: Settings, names: Sequence[str], workdirs: dict[str, str], train
         continue
       t0 = time.perf_counter()
       engine = make_engine(model, kind, slots, s)
-      engine.serve(warm)  # compiles the step(s) and the prefill buckets
+      warm_up(engine, warm)
       info[(setting, name)]["compile_s"] = time.perf_counter() - t0
       runs[(setting, name)] = engine
   out(f"{len(requests)} requests, {tokens} tokens to generate; timing {len(runs)} engines "
@@ -339,11 +357,12 @@ def benchmark(s: Settings, names: Sequence[str], workdirs: dict[str, str], train
       sec, done = serve_once(engine, requests)
       times[key].append(sec)
       completions[key] = done
-  for key in [k for k in runs if k[0] == "fixed"]:  # where the time goes: one profiled serve
+  profiled = [k for k in runs if k[0] == "fixed" and k[1] in ("vanilla", "mor3")]
+  for key in profiled:  # where the time goes: one profiled serve
     name = key[1]
     engine = make_engine(loaded[name].model, info[key]["engine"], info[key]["batch"], s,
                          profile=True)
-    engine.serve(warm)
+    warm_up(engine, warm)
     engine.stats.clear()
     sec, _ = serve_once(engine, requests)
     split = {k.split("/", 1)[1]: v for k, v in engine.stats.items() if k.startswith("time/")}
@@ -374,6 +393,8 @@ def benchmark(s: Settings, names: Sequence[str], workdirs: dict[str, str], train
     row["speedup"] = statistics.median(
         [a / (tokens / b) for a, b in zip(tps, times[("fixed", "vanilla")], strict=True)])
     row["stats"] = dict(runs[run_key].stats)
+    if "edge_rows" in row["stats"]:  # core steps per generated token fed back (decode only)
+      row["mean_depth_decode"] = row["stats"]["block_rows"] / row["stats"]["edge_rows"]
     rows.append(row)
   order = {n: i for i, n in enumerate(MODELS)}
   rows.sort(key=lambda r: (r["batch_setting"] != "fixed", order[r["model"]]))
@@ -391,7 +412,7 @@ def model_layers(model) -> int:
 
 def format_table(result: dict[str, Any]) -> str:
   """Markdown table of the rows."""
-  head = ["model", "B", "engine", "tokens/s", "speedup", "mean depth", "KV B/token alloc",
+  head = ["model", "B", "engine", "tokens/s", "speedup", "mean depth (decode)", "KV B/token alloc",
           "used", "analytic"]
   lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
   for r in result["rows"]:
@@ -399,7 +420,8 @@ def format_table(result: dict[str, Any]) -> str:
     cells = [r["model"], f"{r['batch']} ({r['batch_setting']})", r["engine"],
              f"{r['tokens_per_s']:.1f}" if served else "-",
              f"{r['speedup']:.2f}x" if served else "-",
-             f"{r['mean_depth']:.2f}" if served else "-",
+             (f"{r['mean_depth']:.2f}" + (f" ({r['mean_depth_decode']:.2f})"
+                                          if "mean_depth_decode" in r else "")) if served else "-",
              f"{r['kv_bytes_per_token']:.0f}",
              f"{r['kv_bytes_per_token_used']:.0f}" if served else "-",
              f"{r['kv_bytes_per_token_analytic']:.0f}"]
