@@ -350,30 +350,31 @@ class DepthwiseEngine(Engine):
   caching: every slot holds at most one token in flight, each at its own recursion step, and
   one engine step is
 
-    entry   the slots' new tokens: embedding, prelude (every slot, masked), the step-1 router;
     core    the shared block run ONCE on `block_rows` rows gathered from the slots whose token
             waits for a step (deepest first, then longest waiting), each row attending to its
-            slot's entries of its own step (one gather from the step pools, `Pools`), its new
-            entry written back; the router of the next step decides who continues (the causal
-            threshold rule, as in decoding);
-    exit    the tokens that left the core (this step, or at entry): coda, final norm, head and
-            the next token (every slot, masked), in one batch.
+            slot's entries of its own step (one gather per shared layer from the step pools,
+            `Pools`), its new entry written back; the router of the next step decides who
+            continues (the causal threshold rule, as in decoding);
+    edge    up to `edge_rows` slots whose token left the core or was just admitted (longest
+            waiting first): exit = coda, final norm, head and the next token, which ends the
+            request (its EOS or budget, the host's rule) or enters at once; entry = embedding,
+            prelude and the step-1 router of the next token (an admitted slot's: prefill's).
 
-  Prefill is the sequence-wise one (Engine) into a fresh [prefill_batch, max_len] cache, whose
-  core sites are then compacted into the pools. With `compact`, a slot holds ceil(c_r max_len)
-  entries of step r (`site_lengths`): a token that would overflow its row's step-r entries exits
-  before that step (counted in stats["capped"]; prompt entries past it are dropped,
-  stats["dropped"]); without overflow the outputs are the model's. A token of depth k spends k
-  engine steps in the core (1 for depth 0); `stats["block_rows"]` counts the rows the shared
-  block ran. With `profile`, entry, core and exit run as three compiled calls, each timed to its
-  results (stats["time/entry"], "time/core", "time/exit", and "time/prefill"); the rest of a
+  Prefill is the sequence-wise one (Engine) into a fresh [prefill_batch, max_len] cache, whose core
+  sites are then compacted into the pools. With `compact`, a slot holds ceil(c_r max_len) entries of
+  step r (`site_lengths`; `site_len` gives them explicitly): a token that would overflow its row's
+  step-r entries exits before that step (counted in stats["capped"]; prompt entries past it are
+  dropped, stats["dropped"]); without overflow the outputs are the model's. A token of depth k
+  spends k engine steps in the core (1 for depth 0); `stats["block_rows"]` counts the rows the
+  shared block ran. With `profile`, entry, core and exit run as three compiled calls, each timed to
+  its results (stats["time/entry"], "time/core", "time/exit", and "time/prefill"); the rest of a
   serve is host scheduling.
   Served: middle_cycle / cycle plans with shared norms, no LoRA, dense FFNs,
   model.mor.kv='cache' (ValueError naming the key otherwise)."""
 
   def __init__(self, model: LanguageModel, *, slots: int, max_len: int,
                block_rows: int | None = None, edge_rows: int | None = None,
-               compact: bool = False, **kw):
+               compact: bool = False, site_len: Sequence[int] | None = None, **kw):
     core = model.core
     plan, b = core.plan, core.plan.num_shared
     refuse = [
@@ -390,7 +391,12 @@ class DepthwiseEngine(Engine):
     for bad, key, why in refuse:
       if bad:
         raise ValueError(f"DepthwiseEngine: config.{key}: {why} for depth-wise batching")
-    self.site_len = site_lengths(model, max_len, compact)
+    self.site_len = (site_lengths(model, max_len, compact) if site_len is None
+                     else tuple(site_len))
+    if len(self.site_len) != plan.num_recursions or not all(
+        1 <= n <= max_len for n in self.site_len):
+      raise ValueError(f"DepthwiseEngine: site_len={site_len} must give 1..max_len={max_len} "
+                       f"entries for each of the {plan.num_recursions} steps")
     self.offset = tuple(slots * sum(self.site_len[:r]) for r in range(len(self.site_len)))
     super().__init__(model, slots=slots, max_len=max_len, **kw)
     profile = self.profile
