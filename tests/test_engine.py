@@ -262,3 +262,26 @@ def test_depthwise_refuses_models_it_cannot_batch_across_depths_naming_the_key()
       engine_lib.DepthwiseEngine(build(name), slots=2, max_len=MAX_LEN)
   with pytest.raises(ValueError, match="block_rows=3"):
     engine_lib.DepthwiseEngine(build("expert_cache"), slots=2, max_len=MAX_LEN, block_rows=3)
+
+
+def test_depthwise_compacted_pools_equal_generate_without_overflow_and_cap_with_it():
+  """compact=True sizes step r's pool rows by the capacity, ceil(c_r max_len): with max_len 40
+  (rows of 30, 20 and 10 entries) no request of <= 19 tokens overflows, and the outputs equal
+  generate alone in less cache memory; with rows of 20, 3 and 1 entries (site_len) some tokens
+  are capped (they exit before a step whose row is full) or prompt entries dropped, and every
+  request is still served."""
+  model, reqs, ref = build("expert_cache"), requests("expert_cache"), references("expert_cache")
+  roomy = engine_lib.DepthwiseEngine(model, slots=3, max_len=40, buckets=BUCKETS,
+                                     prefill_batch=2, compact=True)
+  assert roomy.site_len == (30, 20, 10)
+  full = engine_lib.depthwise_cache(model, 3, 40, (40, 40, 40))
+  assert engine_lib.cache_bytes(roomy.cache) < engine_lib.cache_bytes(full)
+  done = roomy.serve(reqs)
+  assert roomy.stats["capped"] == 0 and roomy.stats["dropped"] == 0
+  for c, r, want in zip(done, reqs, ref, strict=True):
+    assert c.tokens == expected(r, want)
+  tight = engine_lib.DepthwiseEngine(model, slots=3, max_len=MAX_LEN, buckets=BUCKETS,
+                                     prefill_batch=2, site_len=(20, 3, 1))
+  done = tight.serve(reqs)
+  assert tight.stats["capped"] + tight.stats["dropped"] > 0
+  assert all(1 <= len(c.tokens) <= r.max_new_tokens for c, r in zip(done, reqs, strict=True))

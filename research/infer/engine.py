@@ -27,8 +27,10 @@ same max_len (tests/test_engine.py).
 
 import collections
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -105,7 +107,7 @@ class Engine:
 
   def __init__(self, model: LanguageModel, *, slots: int, max_len: int,
                buckets: Sequence[int] | None = None, prefill_batch: int | None = None,
-               temperature: float = 0.0, top_p: float = 1.0):
+               temperature: float = 0.0, top_p: float = 1.0, profile: bool = False):
     if slots < 1:
       raise ValueError(f"Engine: slots={slots} must be >= 1")
     if max_len < 2:
@@ -122,13 +124,18 @@ class Engine:
     if not 1 <= self.prefill_batch <= slots:
       raise ValueError(f"Engine: prefill_batch={prefill_batch} must be in 1..slots={slots}")
     self.temperature, self.top_p = float(temperature), float(top_p)
+    self.profile = profile  # time each compiled call to its results: stats["time/<call>"]
     self.routed = model.core.rule is not None  # MoR: tokens' depths are recorded
     self.graphdef, self.state = nnx.split(model)
-    self.cache = model.init_cache(slots, max_len)  # donated to the compiled steps
+    self.cache = self.init_cache(model)  # donated to the compiled steps
     self.traces: collections.Counter[str] = collections.Counter()  # one per compilation
     self.stats: collections.Counter[str] = collections.Counter()
     self._decode = jax.jit(self._decode_fn, donate_argnums=1)
     self._prefill = jax.jit(self._prefill_fn, donate_argnums=1)
+
+  def init_cache(self, model: LanguageModel):
+    """The engine's empty cache: the model's decode cache of slots rows of max_len."""
+    return model.init_cache(self.slots, self.max_len)
 
   def bucket(self, n: int) -> int:
     """The prefill length of an n-token prompt: the smallest bucket that holds it."""
@@ -167,9 +174,12 @@ class Engine:
         key_B2[s] = _key_data(requests[c.request].seed)
       active_B = np.asarray([c is not None for c in owner])
       if active_B.any():
+        t0 = time.perf_counter()
         self.cache, next_B, depth_B = self._decode(self.state, self.cache, token_B, active_B,
                                                    key_B2, index_B)
         next_B, depth_B = np.asarray(next_B), np.asarray(depth_B)
+        if self.profile:
+          self.stats["time/decode"] += time.perf_counter() - t0
         self.stats["decode_steps"] += 1
         self.stats["decode_rows"] += int(active_B.sum())
         for s in np.flatnonzero(active_B):
@@ -212,10 +222,15 @@ class Engine:
       prompt = requests[i].prompt
       tokens_PT[j, :len(prompt)], lengths_P[j], slots_P[j] = prompt, len(prompt), free[j]
       key_P2[j] = _key_data(requests[i].seed)
-    now = time.perf_counter() - start
-    self.cache, first_P, depth_P = self._prefill(self.state, self.cache, slots_P, tokens_PT,
-                                                 lengths_P, key_P2)
+    t0 = time.perf_counter()
+    now = t0 - start
+    self.cache, first_P, depth_P, counted = self._prefill(self.state, self.cache, slots_P,
+                                                          tokens_PT, lengths_P, key_P2)
     first_P, depth_P = np.asarray(first_P), np.asarray(depth_P)
+    if self.profile:
+      self.stats["time/prefill"] += time.perf_counter() - t0
+    for name, value in counted.items():
+      self.stats[name] += int(value)
     self.stats["prefill_calls"] += 1
     self.stats["prefill_rows"] += len(take)
     return [(Completion(i, [], depth_sum=int(depth_P[j]), depth_tokens=int(lengths_P[j]),
@@ -243,9 +258,9 @@ class Engine:
     return cache, self._pick(logits_B1V[:, 0], key_B2, index_B), depth_B
 
   def _prefill_fn(self, state, cache: Cache, slots_P: Array, tokens_PT: Array, lengths_P: Array,
-                  key_P2: Array) -> tuple[Cache, Array, Array]:
+                  key_P2: Array) -> tuple[Cache, Array, Array, dict]:
     """Prompts (right-padded with segment 0) into emptied slots_P rows (out of range: unused):
-    (cache, each request's first token, its prompt's depths summed)."""
+    (cache, each request's first token, its prompt's depths summed, counters for stats)."""
     p, t = tokens_PT.shape
     self.traces[f"prefill/{t}"] += 1
     model = nnx.merge(self.graphdef, state)
@@ -258,7 +273,7 @@ class Engine:
     depth_P = (jnp.sum(aux["route/depth"] * segments_PT, axis=1) if self.routed
                else jnp.zeros((p,), jnp.int32))
     cache = jax.tree.map(lambda a, r: a.at[slots_P].set(r, mode="drop"), cache, rows)
-    return cache, first_P, depth_P
+    return cache, first_P, depth_P, {}
 
 
 def _finish(r: Request, c: Completion, token: int, start: float, done: dict[int, Completion],
@@ -283,6 +298,51 @@ def _key_data(seed: int) -> np.ndarray:
 
 EXITED = -2  # DepthwiseEngine: the slot's token left the core and waits for the coda
 IDLE = -1  # no token in flight
+ENTER = -3  # DepthwiseEngine: an admitted slot's first token waits for the entry
+
+
+class Pools(NamedTuple):
+  """The depth-wise engine's cache: `outer` holds the prelude and coda sites (a `Cache` of
+  [slots, max_len] rows, with the rows' lengths); `pools[j]` the core sites of shared layer j for
+  every recursion step, one flat KV of sum_r slots x site_len[r] entries (row (r, s): entries
+  offset[r] + s site_len[r] + i, i = 0.. in the order the row's tokens ran step r, `tok.indices`
+  = i); `counts[r, s]` the entries row (r, s) holds."""
+
+  outer: Cache
+  pools: dict[int, KV]
+  counts: Array
+
+
+def site_lengths(model: LanguageModel, max_len: int, compact: bool) -> tuple[int, ...]:
+  """Entries per slot of each recursion step's core sites: max_len, or with `compact` the step's
+  capacity share ceil(c_r max_len) (recursion-wise caching's memory, MoR §3.1)."""
+  nr = model.core.plan.num_recursions
+  if not compact:
+    return (max_len,) * nr
+  return tuple(min(max_len, max(1, math.ceil(c * max_len))) for c in model.core.rule.capacity)
+
+
+def depthwise_cache(model: LanguageModel, slots: int, max_len: int,
+                    lengths: Sequence[int]) -> Pools:
+  """An empty depth-wise cache (Pools) with `lengths[r]` entries per slot at step r."""
+  outer = [n for n in model.sites() if not n.startswith(f"{recursion.SITE}/")]
+  attn = model.core.blocks[0].attn
+  heads, dh, dtype = attn.num_kv_heads, attn.head_dim, model.embed.dtype
+  cache = cache_lib.empty(outer, slots, max_len, heads, dh, dtype)
+  n = slots * sum(lengths)
+
+  def pool() -> KV:
+    zeros = jnp.zeros((n,), jnp.int32)
+    return KV(jnp.zeros((n, heads, dh), dtype), jnp.zeros((n, heads, dh), dtype),
+              Tokens(zeros, jnp.zeros_like(zeros), jnp.zeros_like(zeros)))
+
+  return Pools(cache, {j: pool() for j in range(model.core.plan.num_shared)},
+               jnp.zeros((len(lengths), slots), jnp.int32))
+
+
+def cache_bytes(tree) -> int:
+  """Bytes of every buffer of a cache pytree (arrays or ShapeDtypeStructs)."""
+  return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
 
 
 class DepthwiseEngine(Engine):
@@ -290,22 +350,31 @@ class DepthwiseEngine(Engine):
   caching: every slot holds at most one token in flight, each at its own recursion step, and
   one engine step is
 
-    entry   the slots' new tokens: embedding, prelude (every slot, masked), the step-1 router;
     core    the shared block run ONCE on `block_rows` rows gathered from the slots whose token
             waits for a step (deepest first, then longest waiting), each row attending to its
-            slot's cache site of its own depth ("core/<r B + j>": gathered per row, written
-            back); the router of the next step decides who continues (the causal threshold
-            rule, as in decoding);
-    exit    the tokens that left the core (this step, or at entry): coda, final norm, head and
-            the next token (every slot, masked), in one batch.
+            slot's entries of its own step (one gather per shared layer from the step pools,
+            `Pools`), its new entry written back; the router of the next step decides who
+            continues (the causal threshold rule, as in decoding);
+    edge    up to `edge_rows` slots whose token left the core or was just admitted (longest
+            waiting first): exit = coda, final norm, head and the next token, which ends the
+            request (its EOS or budget, the host's rule) or enters at once; entry = embedding,
+            prelude and the step-1 router of the next token (an admitted slot's: prefill's).
 
-  Prefill is the sequence-wise one (Engine). A token of depth k spends k engine steps in the
-  core (1 for depth 0); `stats["block_rows"]` counts the rows the shared block ran. Served:
-  middle_cycle / cycle plans with shared norms, no LoRA, dense FFNs, model.mor.kv='cache'
-  (ValueError naming the key otherwise)."""
+  Prefill is the sequence-wise one (Engine) into a fresh [prefill_batch, max_len] cache, whose core
+  sites are then compacted into the pools. With `compact`, a slot holds ceil(c_r max_len) entries of
+  step r (`site_lengths`; `site_len` gives them explicitly): a token that would overflow its row's
+  step-r entries exits before that step (counted in stats["capped"]; prompt entries past it are
+  dropped, stats["dropped"]); without overflow the outputs are the model's. A token of depth k
+  spends k engine steps in the core (1 for depth 0); `stats["block_rows"]` counts the rows the
+  shared block ran. With `profile`, entry, core and exit run as three compiled calls, each timed to
+  its results (stats["time/entry"], "time/core", "time/exit", and "time/prefill"); the rest of a
+  serve is host scheduling.
+  Served: middle_cycle / cycle plans with shared norms, no LoRA, dense FFNs,
+  model.mor.kv='cache' (ValueError naming the key otherwise)."""
 
   def __init__(self, model: LanguageModel, *, slots: int, max_len: int,
-               block_rows: int | None = None, **kw):
+               block_rows: int | None = None, edge_rows: int | None = None,
+               compact: bool = False, site_len: Sequence[int] | None = None, **kw):
     core = model.core
     plan, b = core.plan, core.plan.num_shared
     refuse = [
@@ -322,12 +391,32 @@ class DepthwiseEngine(Engine):
     for bad, key, why in refuse:
       if bad:
         raise ValueError(f"DepthwiseEngine: config.{key}: {why} for depth-wise batching")
+    self.site_len = (site_lengths(model, max_len, compact) if site_len is None
+                     else tuple(site_len))
+    if len(self.site_len) != plan.num_recursions or not all(
+        1 <= n <= max_len for n in self.site_len):
+      raise ValueError(f"DepthwiseEngine: site_len={site_len} must give 1..max_len={max_len} "
+                       f"entries for each of the {plan.num_recursions} steps")
+    self.offset = tuple(slots * sum(self.site_len[:r]) for r in range(len(self.site_len)))
     super().__init__(model, slots=slots, max_len=max_len, **kw)
+    profile = self.profile
     self.block_rows = slots if block_rows is None else block_rows
     if not 1 <= self.block_rows <= slots:
       raise ValueError(f"DepthwiseEngine: block_rows={block_rows} must be in 1..slots={slots}")
     self.width, self.dtype = model.embed.embedding.shape[1], model.embed.dtype
-    self._step = jax.jit(self._step_fn, donate_argnums=(1, 2))
+    self.edge_rows = (max(1, math.ceil(slots / sum(core.rule.capacity))) if edge_rows is None
+                      else edge_rows)
+    if not 1 <= self.edge_rows <= slots:
+      raise ValueError(f"DepthwiseEngine: edge_rows={edge_rows} must be in 1..slots={slots}")
+    if profile:
+      self._parts = [jax.jit(f, donate_argnums=(1, 2)) for f in
+                     (self._core_fn, self._exit_fn, self._entry_fn)]
+    else:
+      self._step = jax.jit(self._step_fn, donate_argnums=(1, 2))
+
+  def init_cache(self, model: LanguageModel) -> Pools:
+    """The empty depth-wise cache (Pools) of this engine's slots and site lengths."""
+    return depthwise_cache(model, self.slots, self.max_len, self.site_len)
 
   def serve(self, requests: Sequence[Request],
             on_finish: Callable[[Completion], None] | None = None) -> list[Completion]:
@@ -337,125 +426,262 @@ class DepthwiseEngine(Engine):
     queue = collections.deque(range(len(requests)))
     done: dict[int, Completion] = {}
     owner: list[Completion | None] = [None] * self.slots
-    token_S = np.zeros((self.slots,), np.int32)
-    enter_S = np.zeros((self.slots,), bool)  # a new token enters the model this step
-    index_S = np.zeros((self.slots,), np.int32)
-    key_S2 = np.zeros((self.slots, 2), np.uint32)
-    flight = (jnp.zeros((self.slots, self.width), self.dtype),
-              jnp.full((self.slots,), IDLE, jnp.int32),
-              jnp.zeros((self.slots,), jnp.float32), jnp.zeros((self.slots,), jnp.int32),
-              jnp.zeros((self.slots,), jnp.int32))
+    s = self.slots
+    token_S = np.zeros((s,), np.int32)  # an admitted slot's first token (prefill's)
+    enter_S = np.zeros((s,), bool)  # admitted this step: its first token waits for the edge
+    index_S = np.zeros((s,), np.int32)  # tokens generated so far: the key's fold-in
+    key_S2 = np.zeros((s, 2), np.uint32)
+    budget_S = np.ones((s,), np.int32)
+    eos_S = np.full((s,), -1, np.int32)
+    flight = (jnp.zeros((s, self.width), self.dtype), jnp.full((s,), IDLE, jnp.int32),
+              jnp.zeros((s,), jnp.float32), jnp.zeros((s,), jnp.int32),
+              jnp.zeros((s,), jnp.int32))
 
     def finish(c: Completion, token: int) -> bool:
       return _finish(requests[c.request], c, token, start, done, on_finish)
 
     while queue or any(c is not None for c in owner):
-      for s, c, first in self._fill(requests, queue, owner, start, finish):
-        token_S[s], enter_S[s], index_S[s] = first, True, 1
-        key_S2[s] = _key_data(requests[c.request].seed)
+      for slot, c, first in self._fill(requests, queue, owner, start, finish):
+        r = requests[c.request]
+        token_S[slot], enter_S[slot], index_S[slot] = first, True, 1
+        key_S2[slot] = _key_data(r.seed)
+        budget_S[slot], eos_S[slot] = r.max_new_tokens, -1 if r.eos is None else r.eos
       if not any(c is not None for c in owner):
         continue
-      self.cache, flight, next_S, exited_S, depth_S, rows = self._step(
-          self.state, self.cache, flight, token_S, enter_S, key_S2, index_S)
-      next_S, exited_S, depth_S = np.asarray(next_S), np.asarray(exited_S), np.asarray(depth_S)
+      inputs = (token_S, enter_S, key_S2, index_S, budget_S, eos_S)
+      if self.profile:
+        out = self._profiled_step(flight, inputs)
+      else:
+        out = self._step(self.state, self.cache, flight, *inputs)
+      self.cache, flight, (slot_E, made_E, next_E, depth_E), rows, capped = out
+      slot_E, made_E = np.asarray(slot_E), np.asarray(made_E)
+      next_E, depth_E = np.asarray(next_E), np.asarray(depth_E)
       self.stats["engine_steps"] += 1
       self.stats["block_rows"] += int(rows)
+      self.stats["capped"] += int(capped)
+      self.stats["edge_rows"] += int(made_E.sum())
       enter_S[:] = False
-      for s in np.flatnonzero(exited_S):
-        c = owner[s]
-        c.depth_sum += int(depth_S[s])
+      for i in np.flatnonzero(made_E):
+        slot = slot_E[i]
+        c = owner[slot]
+        c.depth_sum += int(depth_E[i])
         c.depth_tokens += 1
-        if finish(c, int(next_S[s])):
-          owner[s] = None
-        else:
-          token_S[s], enter_S[s], index_S[s] = next_S[s], True, index_S[s] + 1
+        if finish(c, int(next_E[i])):  # the step already freed the slot (same rule)
+          owner[slot] = None
+        else:  # its next token entered the model in the same step
+          index_S[slot] += 1
     return [done[i] for i in range(len(requests))]
 
-  def _step_fn(self, state, cache: Cache, flight, token_S: Array, enter_S: Array,
-               key_S2: Array, index_S: Array):
-    """One engine step (class docstring): (cache, flight, next token per slot, which slots'
-    token left the model, its depth, rows the shared block ran). flight = (hidden [S, D], the
-    step each slot's token waits for (IDLE, EXITED), its gate, steps run, engine steps it has
-    waited unserved)."""
+  def _profiled_step(self, flight, inputs):
+    """The step as its three compiled parts, each timed to its results (stats["time/..."])."""
+    token_S, enter_S, key_S2, index_S, budget_S, eos_S = inputs
+    core, exit_, entry = self._parts
+    t0 = time.perf_counter()
+    cache, flight, rows, capped = jax.block_until_ready(core(self.state, self.cache, flight,
+                                                             enter_S))
+    t1 = time.perf_counter()
+    cache, flight, edge = jax.block_until_ready(exit_(self.state, cache, flight, key_S2,
+                                                      index_S, budget_S, eos_S))
+    t2 = time.perf_counter()
+    cache, flight, made = jax.block_until_ready(entry(self.state, cache, flight, edge, token_S))
+    t3 = time.perf_counter()
+    for part, sec in (("core", t1 - t0), ("exit", t2 - t1), ("entry", t3 - t2)):
+      self.stats[f"time/{part}"] += sec
+    return cache, flight, made, rows, capped
+
+  def _step_fn(self, state, cache: Pools, flight, token_S: Array, enter_S: Array,
+               key_S2: Array, index_S: Array, budget_S: Array, eos_S: Array):
+    """One engine step (class docstring): (cache, flight, (edge rows' slots, whether each made a
+    token, the token, its depth), rows the shared block ran, tokens capped). flight = (hidden
+    [S, D], the step each slot's token waits for (IDLE, EXITED, ENTER), its gate, steps run,
+    engine steps it has waited unserved)."""
     self.traces["step"] += 1
-    model = nnx.merge(self.graphdef, state)
+    cache, flight, rows, capped = self._core_fn(state, cache, flight, enter_S)
+    cache, flight, edge = self._exit_fn(state, cache, flight, key_S2, index_S, budget_S, eos_S)
+    cache, flight, made = self._entry_fn(state, cache, flight, edge, token_S)
+    return cache, flight, made, rows, capped
+
+  def _decide(self, model: LanguageModel, x_BD: Array, r: int) -> tuple[Array, Array]:
+    """Whether a token with state x runs step r (threshold rule), and its gate."""
     core, rule = model.core, model.core.rule
-    nr, b, s = core.plan.num_recursions, core.plan.num_shared, self.slots
+    _, _, logit_B1, w_B1 = rule.scores(core, x_BD[:, None], r)
+    run_B = mor.threshold_route(jnp.ones_like(logit_B1, bool), logit_B1, rule.capacity[r])
+    return run_B[:, 0], w_B1[:, 0].astype(jnp.float32)
+
+  def _core_fn(self, state, cache: Pools, flight, enter_S: Array):
+    """Core: block_rows waiting rows at their own steps through the shared block, once (the
+    slots admitted this step are marked ENTER first: they wait for the edge)."""
+    model = nnx.merge(self.graphdef, state)
+    core = model.core
+    nr, s = core.plan.num_recursions, self.slots
     x_SD, r_S, w_S, steps_S, wait_S = flight
-
-    def decide(x_BD: Array, r: int) -> tuple[Array, Array]:
-      """Whether a token with state x runs step r (threshold rule), and its gate."""
-      _, _, logit_B1, w_B1 = rule.scores(core, x_BD[:, None], r)
-      run_B = mor.threshold_route(jnp.ones_like(logit_B1, bool), logit_B1, rule.capacity[r])
-      return run_B[:, 0], w_B1[:, 0].astype(jnp.float32)
-
-    # entry: embedding and prelude of the new tokens, then the step-1 decision
-    x_S1D, _, _, carry = model.inputs(token_S[:, None], None, enter_S[:, None].astype(jnp.int32),
-                                      cache)
-    kv = dict(carry.kv)
-    run_S, w0_S = decide(x_S1D[:, 0], 0)
-    x_SD = jnp.where(enter_S[:, None], x_S1D[:, 0], x_SD)
-    r_S = jnp.where(enter_S, jnp.where(run_S, 0, EXITED), r_S)
-    w_S = jnp.where(enter_S, w0_S, w_S)
-    steps_S = jnp.where(enter_S, 0, steps_S)
+    r_S = jnp.where(enter_S, ENTER, r_S)
     wait_S = jnp.where(enter_S, 0, wait_S)
-
-    # core: block_rows rows at their own steps through the shared block, once
     waiting_S = r_S >= 0
     # deepest step first, then the longest unserved (no row waits forever), idle slots last
     order = jnp.lexsort((-wait_S, jnp.where(waiting_S, -r_S, nr)))
     idx_R = order[:self.block_rows]
     valid_R, r_R = waiting_S[idx_R], jnp.maximum(r_S[idx_R], 0)
-    pos_R = cache.length[idx_R]
-    tok_R = Tokens(pos_R[:, None], valid_R[:, None].astype(jnp.int32), pos_R[:, None])
+    pos_R = cache.outer.length[idx_R]
+    len_R = jnp.asarray(self.site_len, jnp.int32)[r_R]
+    n = next(iter(cache.pools.values())).k.shape[0]
+    base_R = jnp.asarray(self.offset, jnp.int32)[r_R] + idx_R * len_R
+    count_R = cache.counts[r_R, idx_R]
+    cols_C = jnp.arange(max(self.site_len), dtype=jnp.int32)
+    inside_RC = cols_C[None] < len_R[:, None]
+    flat_RC = jnp.where(inside_RC, base_R[:, None] + cols_C[None], 0)
+    # the new entry's place in the pool (n: not written, a row that does not run)
+    put_R = jnp.where(valid_R, base_R + count_R, n)
+    tok_R = Tokens(pos_R[:, None], valid_R[:, None].astype(jnp.int32), count_R[:, None])
     x_R1D = x_SD[idx_R][:, None]
-    y_R1D = x_R1D
-    for j in range(b):
-      names = [f"{recursion.SITE}/{r * b + j}" for r in range(nr)]
-      rows_kv = _select(r_R, [jax.tree.map(lambda a: a[idx_R], kv[n]) for n in names])
+    y_R1D, pools = x_R1D, dict(cache.pools)
+    rows = jnp.arange(self.block_rows)
+    for j in range(core.plan.num_shared):
+      pool = pools[j]
+      seg_RC = jnp.where(inside_RC, pool.tok.segments[flat_RC], 0)
+      read = KV(pool.k[flat_RC], pool.v[flat_RC],
+                Tokens(pool.tok.positions[flat_RC], seg_RC, pool.tok.indices[flat_RC]))
       block = core.blocks[core.plan.order[j]]
-      y_R1D, _, out = block.forward(y_R1D, tok_R, site=Site("row"),
-                                    carry=Carry(kv={"row": rows_kv}))
-      for r, n in enumerate(names):
-        to_R = jnp.where(valid_R & (r_R == r), idx_R, s)  # out of range: not this site's row
-        kv[n] = jax.tree.map(lambda a, new, to_R=to_R: a.at[to_R].set(new, mode="drop"), kv[n],
-                             out.kv["row"])
+      y_R1D, _, out = block.forward(y_R1D, tok_R, site=Site("row"), carry=Carry(kv={"row": read}))
+      new = out.kv["row"]
+      pools[j] = KV(pool.k.at[put_R].set(new.k[rows, count_R], mode="drop"),
+                    pool.v.at[put_R].set(new.v[rows, count_R], mode="drop"),
+                    Tokens(*(a.at[put_R].set(b[:, 0], mode="drop") for a, b in
+                             zip(pool.tok, tok_R, strict=True))))
+    counts = cache.counts.at[r_R, jnp.where(valid_R, idx_R, s)].add(1, mode="drop")
     w_R = w_S[idx_R]
     x_new_RD = (x_R1D + (w_R[:, None, None].astype(y_R1D.dtype) * y_R1D).astype(x_R1D.dtype))[:, 0]
     next_R = r_R + 1
     cont_R, w_next_R = jnp.zeros_like(valid_R), jnp.zeros_like(w_R)
+    room_R = jnp.ones_like(valid_R)
     for r in range(1, nr):
-      run_R, w_r_R = decide(x_new_RD, r)
+      run_R, w_r_R = self._decide(model, x_new_RD, r)
       cont_R = jnp.where(next_R == r, run_R, cont_R)
       w_next_R = jnp.where(next_R == r, w_r_R, w_next_R)
+      room_R = jnp.where(next_R == r, counts[r, idx_R] < self.site_len[r], room_R)
+    capped = jnp.sum(valid_R & cont_R & ~room_R, dtype=jnp.int32)
+    cont_R = cont_R & room_R
     to_R = jnp.where(valid_R, idx_R, s)
     x_SD = x_SD.at[to_R].set(x_new_RD, mode="drop")
     r_S = r_S.at[to_R].set(jnp.where(cont_R, next_R, EXITED), mode="drop")
     w_S = w_S.at[to_R].set(w_next_R, mode="drop")
     steps_S = steps_S.at[to_R].set(steps_S[idx_R] + 1, mode="drop")
-    wait_S = jnp.where(waiting_S, wait_S + 1, 0).at[to_R].set(0, mode="drop")
+    wait_S = jnp.where(waiting_S | (r_S == EXITED) | (r_S == ENTER), wait_S + 1, 0).at[
+        to_R].set(0, mode="drop")
+    return (Pools(cache.outer, pools, counts), (x_SD, r_S, w_S, steps_S, wait_S),
+            jnp.sum(valid_R, dtype=jnp.int32), capped)
 
-    # exit: coda, norm, head and the next token of the tokens that left the core
-    exited_S = r_S == EXITED
-    tok_S = cache_lib.new_tokens(cache, None, exited_S[:, None].astype(jnp.int32))
-    h_S1D, _, carry = model.coda.forward(x_SD[:, None], tok_S, Carry(kv=kv))
-    next_S = self._pick(model.logits(h_S1D)[:, 0], key_S2, index_S)
-    rows = jnp.arange(s)
-    depth = cache.depth.at[rows, cache.length].set(
-        jnp.where(exited_S, steps_S, cache.depth[rows, cache.length]), mode="drop")
-    cache = Cache({n: carry.kv[n] for n in cache.kv}, depth,
-                  cache.length + exited_S.astype(jnp.int32))
-    r_S = jnp.where(exited_S, IDLE, r_S)
-    return (cache, (x_SD, r_S, w_S, steps_S, wait_S), next_S, exited_S, steps_S,
-            jnp.sum(valid_R, dtype=jnp.int32))
+  def _exit_fn(self, state, cache: Pools, flight, key_S2: Array, index_S: Array,
+               budget_S: Array, eos_S: Array):
+    """Edge, exit half: up to edge_rows slots whose token left the core or was just admitted
+    (longest waiting first) are gathered; the exited ones run the coda, final norm and head and
+    pick their next token, which ends the request (its EOS, or the budget) or enters next."""
+    model = nnx.merge(self.graphdef, state)
+    x_SD, r_S, w_S, steps_S, wait_S = flight
+    outer = cache.outer
+    pending_S = (r_S == EXITED) | (r_S == ENTER)
+    idx_E = jnp.lexsort((-wait_S, ~pending_S))[:self.edge_rows]
+    valid_E, r_E = pending_S[idx_E], r_S[idx_E]
+    exit_E = valid_E & (r_E == EXITED)
+    sites = [n for n in outer.kv if n.startswith("coda/")]
+    rows_E = Cache({n: _take(outer.kv[n], idx_E) for n in sites}, outer.depth[idx_E],
+                   outer.length[idx_E])
+    tok_E = cache_lib.new_tokens(rows_E, None, exit_E[:, None].astype(jnp.int32))
+    h_E1D, _, carry = model.coda.forward(x_SD[idx_E][:, None], tok_E, Carry(kv=rows_E.kv))
+    next_E = self._pick(model.logits(h_E1D)[:, 0], key_S2[idx_E], index_S[idx_E])
+    ends_E = exit_E & ((next_E == eos_S[idx_E]) | (index_S[idx_E] + 1 >= budget_S[idx_E]))
+    to_E = jnp.where(exit_E, idx_E, self.slots)
+    kv = dict(outer.kv)
+    for n in sites:
+      kv[n] = _put(kv[n], carry.kv[n], to_E, rows_E.length)
+    depth = outer.depth.at[to_E, rows_E.length].set(steps_S[idx_E], mode="drop")
+    length = outer.length.at[to_E].add(1, mode="drop")
+    r_S = r_S.at[jnp.where(ends_E, idx_E, self.slots)].set(IDLE, mode="drop")
+    edge = (idx_E, valid_E & ~ends_E, exit_E, next_E, steps_S[idx_E])
+    return (cache._replace(outer=Cache(kv, depth, length)), (x_SD, r_S, w_S, steps_S, wait_S),
+            edge)
+
+  def _entry_fn(self, state, cache: Pools, flight, edge, token_S: Array):
+    """Edge, entry half: the gathered slots' next tokens (an admitted slot's: prefill's first)
+    run the embedding, the prelude and the step-1 router; (cache, flight, (slots, made a token,
+    the token, its depth))."""
+    model = nnx.merge(self.graphdef, state)
+    x_SD, r_S, w_S, steps_S, wait_S = flight
+    idx_E, enter_E, exit_E, next_E, depth_E = edge
+    outer = cache.outer
+    token_E = jnp.where(exit_E, next_E, token_S[idx_E])
+    sites = [n for n in outer.kv if n.startswith("prelude/")]
+    rows_E = Cache({n: _take(outer.kv[n], idx_E) for n in sites}, outer.depth[idx_E],
+                   outer.length[idx_E])
+    x_E1D, _, _, carry = model.inputs(token_E[:, None], None, enter_E[:, None].astype(jnp.int32),
+                                      rows_E)
+    run_E, w0_E = self._decide(model, x_E1D[:, 0], 0)
+    run_E = run_E & (cache.counts[0, idx_E] < self.site_len[0])
+    to_E = jnp.where(enter_E, idx_E, self.slots)
+    kv = dict(outer.kv)
+    for n in sites:
+      kv[n] = _put(kv[n], carry.kv[n], to_E, rows_E.length)
+    x_SD = x_SD.at[to_E].set(x_E1D[:, 0], mode="drop")
+    r_S = r_S.at[to_E].set(jnp.where(run_E, 0, EXITED), mode="drop")
+    w_S = w_S.at[to_E].set(w0_E, mode="drop")
+    steps_S = steps_S.at[to_E].set(0, mode="drop")
+    wait_S = wait_S.at[to_E].set(0, mode="drop")
+    return (cache._replace(outer=outer._replace(kv=kv)), (x_SD, r_S, w_S, steps_S, wait_S),
+            (idx_E, exit_E, next_E, depth_E))
+
+  def _prefill_fn(self, state, cache: Pools, slots_P: Array, tokens_PT: Array, lengths_P: Array,
+                  key_P2: Array) -> tuple[Pools, Array, Array, dict]:
+    """Engine._prefill_fn into a fresh full-length cache, whose outer sites are scattered to the
+    slots' rows and whose core sites are compacted into the slots' pool rows (entries of the
+    tokens that ran each step, in order; past a row's site length dropped)."""
+    p, t = tokens_PT.shape
+    self.traces[f"prefill/{t}"] += 1
+    model = nnx.merge(self.graphdef, state)
+    core = model.core
+    b, s = core.plan.num_shared, self.slots
+    rows = model.init_cache(p, self.max_len)
+    segments_PT = (jnp.arange(t)[None, :] < lengths_P[:, None]).astype(jnp.int32)
+    logits_PTV, aux, rows = model(tokens_PT, segments_BT=segments_PT, cache=rows)
+    last_PV = logits_PTV[jnp.arange(p), jnp.maximum(lengths_P - 1, 0)]
+    first_P = self._pick(last_PV, key_P2, jnp.zeros((p,), jnp.int32))
+    depth_P = jnp.sum(aux["route/depth"] * segments_PT, axis=1)
+    outer = Cache(*(jax.tree.map(lambda a, r: a.at[slots_P].set(r, mode="drop"), old, new)
+                    for old, new in ((cache.outer.kv, {n: rows.kv[n] for n in cache.outer.kv}),
+                                     (cache.outer.depth, rows.depth),
+                                     (cache.outer.length, rows.length))))
+    real_P = slots_P < s
+    pools, counts, dropped = dict(cache.pools), cache.counts, jnp.zeros((), jnp.int32)
+    n = next(iter(pools.values())).k.shape[0]  # out of range: not written
+    for r, length in enumerate(self.site_len):
+      base_P = self.offset[r] + jnp.minimum(slots_P, s - 1) * length
+      region_PL = jnp.where(real_P[:, None], base_P[:, None] + jnp.arange(length)[None], n)
+      filled_PS = rows.kv[f"{recursion.SITE}/{r * b}"].tok.segments != 0
+      rank_PS = jnp.cumsum(filled_PS, axis=1) - 1
+      keep_PS = filled_PS & (rank_PS < length) & real_P[:, None]
+      dest_PS = jnp.where(keep_PS, base_P[:, None] + rank_PS, n)
+      for j in range(b):
+        site = rows.kv[f"{recursion.SITE}/{r * b + j}"]
+        pool = pools[j]
+        # the slot's old entries emptied, then the prompt's written compacted
+        seg = pool.tok.segments.at[region_PL].set(0, mode="drop")
+        new_tok = site.tok._replace(indices=rank_PS)
+        pools[j] = KV(pool.k.at[dest_PS].set(site.k, mode="drop"),
+                      pool.v.at[dest_PS].set(site.v, mode="drop"),
+                      Tokens(pool.tok.positions.at[dest_PS].set(new_tok.positions, mode="drop"),
+                             seg.at[dest_PS].set(new_tok.segments, mode="drop"),
+                             pool.tok.indices.at[dest_PS].set(new_tok.indices, mode="drop")))
+      filled_P = jnp.sum(filled_PS, axis=1, dtype=jnp.int32)
+      counts = counts.at[r, slots_P].set(jnp.minimum(filled_P, length), mode="drop")
+      dropped += jnp.sum(jnp.where(real_P, jnp.maximum(filled_P - length, 0), 0))
+    return Pools(outer, pools, counts), first_P, depth_P, {"dropped": dropped}
 
 
-def _select(r_R: Array, trees: list) -> object:
-  """Row i of trees[r_R[i]] (trees of equal structure, leaves [R, ...])."""
-  def pick(*leaves):
-    out = leaves[0]
-    for r, leaf in enumerate(leaves[1:], start=1):
-      out = jnp.where((r_R == r).reshape((-1,) + (1,) * (leaf.ndim - 1)), leaf, out)
-    return out
+def _take(site: KV, idx_E: Array) -> KV:
+  """Rows idx_E of a [S, max_len] site."""
+  return jax.tree.map(lambda a: a[idx_E], site)
 
-  return jax.tree.map(pick, *trees)
+
+def _put(site: KV, rows: KV, to_E: Array, col_E: Array) -> KV:
+  """`site` with entry col_E[i] of row to_E[i] (out of range: none) set from rows[i]."""
+  e = jnp.arange(to_E.shape[0])
+  return jax.tree.map(lambda a, r: a.at[to_E, col_E].set(r[e, col_E], mode="drop"), site, rows)
