@@ -2,16 +2,20 @@
 
   python -m bench.vs_torch [--quick] [--shapes=8x256,4x1024,small] [--variants=vanilla,recursive]
       [--rounds=7] [--threads=2] [--json=PATH] [--nocompile]
+  python -m bench.vs_torch --ours_only [--dtype=bfloat16]   # our side alone, e.g. on a GPU
 
 Needs torch and transformers: pip install -r requirements-bench.txt (the CPU torch wheel).
+`--ours_only` needs neither: it times our step alone at the same shapes and reports its MFU
+(research/train/flops.py over research/train/peak.py's peak: data-sheet bf16 on accelerators).
 
 Both sides train the same model at the same shapes and init scale: a Llama decoder (RMSNorm, RoPE,
 GQA, SwiGLU), tied embeddings, float32, every weight N(0, 0.02), fwd + bwd of the token-mean
 next-token cross-entropy, global-norm clipping at 1.0 and AdamW (b1 0.9, b2 0.95, eps 1e-8,
-weight decay 0.1 on matrices only). Ours is the real jitted train step of research/train/step.py
-(the model of research/model/lm.py, AdamW of research/train/optimizer.py), as bench/train_throughput.py
-runs it. Theirs is LlamaForCausalLM with SDPA attention and torch.optim.AdamW (fused), eager and
-under torch.compile (the loss function, model forward and its backward; the optimizer eager).
+weight decay 0.1 on matrices only). Ours is the real jitted train step of
+research/train/step.py (the model of research/model/lm.py, AdamW of research/train/optimizer.py),
+as bench/train_throughput.py runs it. Theirs is LlamaForCausalLM with SDPA attention and
+torch.optim.AdamW (fused), eager and under torch.compile (the loss function, model forward and
+its backward; the optimizer eager).
 
 Shapes: the issue's tiny config (d 128, d_ff 344, 4 heads / 2 kv heads of 32, 8 layers, vocab 512)
 at 8 x 256 and 4 x 1024, and configs/vanilla.py:small at its preset batch 16 x 256. Variants:
@@ -45,6 +49,7 @@ from configs import vanilla as vanilla_configs
 from research import config as config_lib
 from research.model import recursion
 from research.model.lm import LanguageModel
+from research.train import flops, peak
 from research.train import mesh as mesh_lib
 from research.train import optimizer as optimizer_lib
 from research.train import step as step_lib
@@ -64,6 +69,8 @@ flags.DEFINE_integer("threads", 2, "torch intra-op threads.")
 flags.DEFINE_bool("compile", True, "Also time torch.compile.")
 flags.DEFINE_bool("quick", False, "Smoke run: shape 8x256 only, 2 rounds after 1 warm-up.")
 flags.DEFINE_string("json", "", "Also write {'rows': [...]} to this JSON file.")
+flags.DEFINE_bool("ours_only", False, "Time our step alone (no torch): step ms and MFU.")
+flags.DEFINE_string("dtype", "float32", "Our compute dtype (float32 | bfloat16 | auto).")
 FLAGS = flags.FLAGS
 
 
@@ -250,6 +257,27 @@ def bench_row(shape: str, variant: str, rounds: int, warmup: int, compile_torch:
   return row
 
 
+def ours_row(shape: str, variant: str, rounds: int, warmup: int, dtype: str) -> dict[str, Any]:
+  """Our step alone at `shape` in `dtype`: median ms over `rounds` and its MFU,
+  tokens x train_flops_per_token / step time / the device peak."""
+  cfg = bench_config(shape, variant, dtype)
+  step = ours_step(cfg)
+  times = []
+  for i in range(1 + warmup + rounds):
+    t0 = time.perf_counter()
+    step()
+    if i > warmup:
+      times.append(1e3 * (time.perf_counter() - t0))
+  ms = statistics.median(times)
+  tokens = cfg.train.batch_size * cfg.data.seq_len
+  peak_flops, source = peak.peak_flops_per_device()
+  devices = jax.process_count() if jax.default_backend() == "cpu" else jax.device_count()
+  mfu = tokens * flops.train_flops_per_token(cfg.model, cfg.data.seq_len) / (ms / 1e3) / (
+      peak_flops * devices)
+  return {"variant": variant, "shape": shape_label(cfg, shape), "dtype": dtype, "ours_ms": ms,
+          "mfu": mfu, "peak_source": source, "backend": jax.default_backend()}
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
   """Markdown table of the rows: ms of each side and ours' speedups."""
   fmt = lambda v, spec: "-" if v is None else format(v, spec)
@@ -266,13 +294,24 @@ def main(argv: list[str], out: Callable[[str], Any] = print) -> None:
   """Runs every (variant, shape) row from the flags, prints the table, writes --json."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  torch, transformers = import_torch()
   shapes, rounds, warmup = FLAGS.shapes, FLAGS.rounds, FLAGS.warmup
   if FLAGS.quick:
     shapes, rounds, warmup = ["8x256"], 2, 1
   for s in shapes:
     if s != "small" and (len(s.split("x")) != 2 or not all(n.isdigit() for n in s.split("x"))):
       raise app.UsageError(f"--shapes: {s!r} is neither BxT nor small")
+  if FLAGS.ours_only:
+    rows = [ours_row(shape, variant, rounds, warmup, FLAGS.dtype) for shape in shapes
+            for variant in FLAGS.variants]
+    if FLAGS.json:
+      with open(FLAGS.json, "w") as f:
+        json.dump({"rows": rows}, f, indent=1)
+    out("| variant | shape | dtype | ours ms | MFU |\n| --- | --- | --- | --- | --- |")
+    for r in rows:
+      out(f"| {r['variant']} | {r['shape']} | {r['dtype']} | {r['ours_ms']:.1f} | "
+          f"{100 * r['mfu']:.1f} % ({r['backend']}, peak: {r['peak_source']}) |")
+    return
+  torch, transformers = import_torch()
   out(f"torch {torch.__version__} ({FLAGS.threads} threads), transformers "
       f"{transformers.__version__}, jax {jax.__version__} ({jax.default_backend()}); "
       f"{rounds} rounds after {warmup} warm-up")
