@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One prepared accelerator check (docs/kernels.md), about 8 minutes on one GPU:
+# One prepared accelerator check (docs/kernels.md), about 9 minutes on one GPU:
 #   1. the kernel bench (bench/kernels.py: grouped matmul and routed attention vs XLA, JSON + table),
-#   2. a 50-step bfloat16 training run of configs/vanilla.py:small, printing its MFU,
-#   3. the inference bench in --quick mode, if bench/inference_throughput.py exists.
+#   2. our side of bench/vs_torch.py (no torch): the bfloat16 train step time and MFU of the
+#      vanilla and recursive models at the torch comparison's shapes,
+#   3. a 50-step bfloat16 training run of configs/vanilla.py:small, printing its MFU,
+#   4. the inference bench in --quick mode, if bench/inference_throughput.py exists.
 # Each part has its own time limit and a failing part does not stop the others; the summary at
 # the end gives every part's exit status. Outputs go to $OUT (the device tool's folder) or to
 # $CHECK_DIR, else a fresh temporary directory.
@@ -27,6 +29,9 @@ run_part() {  # name, seconds, command...
 }
 
 run_part kernels 210 python -m bench.kernels --json="$DIR/kernels.json" --steps=5
+
+run_part vs_torch_ours 80 python -m bench.vs_torch --ours_only --dtype=bfloat16 --rounds=10 \
+  --json="$DIR/vs_torch_ours.json"
 
 TRAIN_DIR="$DIR/train_small_bf16"
 run_part train 170 python launch.py --config=configs/vanilla.py:small --workdir="$TRAIN_DIR" \

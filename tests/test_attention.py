@@ -87,6 +87,78 @@ def test_block_causal_on_a_gathered_subset_equals_the_masked_path():
   assert_same_values_and_grads(fast, slow, qkv(rng, b, n), rng)
 
 
+@pytest.mark.parametrize("t,block,cross", [(1, 1, False), (5, 2, False), (16, 4, False),
+                                           (23, 8, False), (23, 5, True), (23, 64, False),
+                                           (9, 9, True)])
+def test_flash_self_attention_equals_the_masked_path(t, block, cross):
+  """The CPU path (flash_attention: one custom VJP over the blocks) == the plain masked softmax,
+  every row and every gradient, packed documents and padding (rows that read nothing give 0)."""
+  rng = np.random.default_rng(t * 100 + block + 1)
+  tok = tokens(random_segments(rng, 4, t))
+  ends = xa.key_ends(t, t, block, row_keys=False)
+  fast = lambda q, k, v: xa.flash_attention(q, k, v, tok.indices, tok.segments, tok.indices,
+                                            tok.segments, cross_segments=cross, ends=ends,
+                                            block=block)
+  slow = lambda q, k, v: masked_reference(q, k, v, tok, cross)
+  # atol 2e-6: the backward's D = rowsum(dO O) rounds differently from autodiff's softmax VJP
+  assert_same_values_and_grads(fast, slow, qkv(rng, 4, t), rng, atol=2e-6)
+  assert_same_values_and_grads(jax.jit(fast), slow, qkv(rng, 4, t), rng, atol=2e-6)
+
+
+@pytest.mark.parametrize("block,cross", [(4, False), (3, True), (32, False)])
+def test_flash_row_keys_equals_the_masked_path(block, cross):
+  """MoR KV sharing: a gathered subset of each row's tokens (distinct ascending indices, some
+  slots padding) over all the row's keys in index order; query block [s, e) reads keys
+  [0, S - T + e) only."""
+  rng = np.random.default_rng(11 + block)
+  b, s, n = 3, 23, 14
+  full = tokens(random_segments(rng, b, s))
+  idx_BN = jnp.asarray(np.sort(np.stack([rng.choice(s, n, replace=False) for _ in range(b)]), 1))
+  sub = full.take(idx_BN)
+  sub = sub._replace(segments=jnp.where(jnp.asarray(rng.random((b, n)) < 0.25), 0, sub.segments))
+  mask = ra.attention_mask(sub.indices, sub.segments, full.indices, full.segments, causal=True,
+                           cross_segments=cross)
+  q = jnp.asarray(rng.normal(size=(b, n, H, DH)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(b, s, K, DH)), jnp.float32) for _ in range(2))
+  ends = xa.key_ends(n, s, block, row_keys=True)
+  meta = (sub.indices, sub.segments, full.indices, full.segments)
+  fast = lambda q, k, v: xa.flash_attention(q, k, v, *meta, cross_segments=cross, ends=ends,
+                                            block=block)
+  blocks = lambda q, k, v: xa.prefix_causal_attention(q, k, v, *meta, cross_segments=cross,
+                                                      block=block)
+  slow = lambda q, k, v: xa.masked_attention(q, k, v, mask)
+  assert_same_values_and_grads(fast, slow, (q, k, v), rng, atol=2e-6)
+  assert_same_values_and_grads(blocks, slow, (q, k, v), rng)
+
+
+def test_kv_sharing_promises_row_keys_only_outside_a_decode_cache(monkeypatch):
+  """Attention.forward reading recursion 1's shared K/V sets sorted_queries_row_keys in training
+  and prefill without a cache, not while decoding; self-attention keeps sorted_self_attention."""
+  cfg = tiny_config().model
+  with nnx.use_eager_sharding(False):
+    attn = layers.Attention(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  seen = []
+
+  def record(*args, **kw):
+    seen.append({k: kw.get(k, False) for k in ("sorted_self_attention",
+                                               "sorted_queries_row_keys")})
+    return xa.xla_attention(*args, **kw)
+
+  monkeypatch.setattr(layers.dispatch, "attention_fn", lambda impl: record)
+  rng = np.random.default_rng(3)
+  b, t = 2, 9
+  tok = tokens(np.ones((b, t), np.int32))
+  x = jnp.asarray(rng.normal(size=(b, t, cfg.d_model)), jnp.float32)
+  _, kv = attn.forward(x, tok, site=layers.Site("core/0", keep=True))
+  sub = tok.take(jnp.asarray([[0, 2, 3, 7], [1, 4, 5, 8]]))
+  want = attn.forward(x[:, :4], sub, site=layers.Site(shared="core/0"), kv=kv)[0]
+  got = attn.forward(x[:, :4], sub, site=layers.Site(shared="core/0"), kv=kv, decoding=True)[0]
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert seen == [{"sorted_self_attention": True, "sorted_queries_row_keys": False},
+                  {"sorted_self_attention": False, "sorted_queries_row_keys": True},
+                  {"sorted_self_attention": False, "sorted_queries_row_keys": False}]
+
+
 @pytest.mark.parametrize("shape", [(7, 5), (2, 3, 5)])
 def test_matmul_vjp_equals_autodiff_of_the_dot(shape):
   rng = np.random.default_rng(4)

@@ -215,6 +215,48 @@ def test_attention_dispatch():
           for impl in ("xla", "pallas", "reference")]
   for out in outs[1:]:
     np.testing.assert_allclose(out, outs[0], atol=2e-5)
+  # ... and the row-keys promise (KV sharing: sorted queries over the row's keys).
+  args = case("full_keys", jnp.float32)
+  outs = [dispatch.attention_fn(impl)(*args, causal=True, cross_segments=False,
+                                      sorted_queries_row_keys=True)
+          for impl in ("xla", "pallas", "reference")]
+  for out in outs[1:]:
+    np.testing.assert_allclose(out, outs[0], atol=2e-5)
+
+
+def test_xla_row_keys_skip_equals_masked():
+  """sorted_queries_row_keys (MoR KV sharing: T sorted queries over the row's S keys, blocks of
+  32 over T = 70 of S = 100) == the full masked path, values and gradients, on the CPU flash path
+  and on the masked blocks of the other backends."""
+  ks = jax.random.split(jax.random.key(4), 5)
+  t, s = 70, 100
+  q = jax.random.normal(ks[0], (2, t, H, DH))
+  k, v = (jax.random.normal(kk, (2, s, KV, DH)) for kk in ks[1:3])
+  kv_idx = jnp.tile(jnp.arange(s, dtype=jnp.int32), (2, 1))
+  kv_seg = jnp.array([[1] * 40 + [2] * 60, [1] * 90 + [0] * 10], jnp.int32)
+  q_idx = jnp.stack([jnp.sort(jax.random.choice(kk, s, (t,), replace=False)) for kk in
+                     jax.random.split(ks[3], 2)]).astype(jnp.int32)
+  q_seg = jnp.take_along_axis(kv_seg, q_idx, axis=1).at[0, ::5].set(0)  # some padding slots
+  probe = jax.random.normal(ks[4], q.shape)
+  meta = (q_idx, q_seg, kv_idx, kv_seg)
+
+  def loss(fn):
+    return jax.jit(jax.value_and_grad(
+        lambda q, k, v: jnp.sum(fn(q, k, v, *meta) * probe), argnums=(0, 1, 2)))
+
+  want_fn = functools.partial(ra.routed_attention_reference, causal=True, cross_segments=False)
+  want = loss(want_fn)(q, k, v)
+  fast = functools.partial(xla_attention.xla_attention, causal=True, cross_segments=False,
+                           sorted_queries_row_keys=True)
+  blocks = lambda q, k, v, *m: xla_attention.prefix_causal_attention(
+      q, k, v, *m, cross_segments=False, block=32)
+  for fn in (fast, blocks):
+    got = loss(fn)(q, k, v)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for g, w in zip(got[1], want[1], strict=True):
+      np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5)
+  assert xla_attention.key_ends(70, 100, 32, row_keys=True) == (62, 94, 100)
+  assert xla_attention.key_ends(70, 70, 32, row_keys=False) == (32, 64, 70)
 
 
 def test_invalid_attention_impl_config_names_the_key():

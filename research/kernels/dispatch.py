@@ -7,7 +7,8 @@ its pure-jnp loop over groups. All three have ragged_dot's semantics and signatu
 (lhs [M, K], rhs [G, K, N], group_sizes [G]) -> [M, N].
 
 Attention (`model.attention_impl`): "xla" research/kernels/xla_attention.py (masked einsums,
-block-causal for sorted self-attention), "pallas" research/kernels/routed_attention.py (interpret
+causal block skipping for sorted self-attention and sorted queries over a row's keys; on CPU
+through its flash-style custom VJP), "pallas" research/kernels/routed_attention.py (interpret
 mode exactly when the backend is CPU), "reference" its plain masked softmax, "auto" pallas on
 GPU/TPU and xla on CPU. All have the signature of `Attention` below.
 """
@@ -31,13 +32,18 @@ ATTENTION_IMPLS = ("auto", "xla", "pallas", "reference")
 
 class Attention(Protocol):
   """out_BTHD = attend(q_BTHD, k_BSKD, v_BSKD, q_idx_BT, q_seg_BT, kv_idx_BS, kv_seg_BS, *,
-  causal, cross_segments, sorted_self_attention=False); semantics of
-  research/kernels/routed_attention.py. `sorted_self_attention=True` promises kv are the queries'
-  own tokens with ascending indices (only the xla implementation uses it: block-causal)."""
+  causal, cross_segments, sorted_self_attention=False, sorted_queries_row_keys=False); semantics
+  of research/kernels/routed_attention.py. Two promises, which only the xla implementation uses
+  (causal block skipping; the others skip blocks from the data):
+  `sorted_self_attention=True`: kv are the queries' own tokens with ascending indices;
+  `sorted_queries_row_keys=True`: kv are the row's S tokens in index order (kv_idx[b, j] = j)
+    and every query slot, padding included, has a distinct index, ascending along the row (MoR
+    KV sharing), so query i's index is at most S - T + i."""
 
   def __call__(self, q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, q_idx_BT: Array,
                q_seg_BT: Array, kv_idx_BS: Array, kv_seg_BS: Array, *, causal: bool,
-               cross_segments: bool, sorted_self_attention: bool = False) -> Array: ...
+               cross_segments: bool, sorted_self_attention: bool = False,
+               sorted_queries_row_keys: bool = False) -> Array: ...
 
 
 def interpret(backend: str | None = None) -> bool:
@@ -70,15 +76,17 @@ def attention_impl(impl: str, backend: str | None = None) -> str:
 
 
 def _pallas_attention(*args, causal: bool, cross_segments: bool,
-                      sorted_self_attention: bool = False, interpret: bool) -> Array:
-  del sorted_self_attention  # the kernel skips blocks from the data
+                      sorted_self_attention: bool = False, sorted_queries_row_keys: bool = False,
+                      interpret: bool) -> Array:
+  del sorted_self_attention, sorted_queries_row_keys  # the kernel skips blocks from the data
   return attn_lib.routed_attention(*args, causal=causal, cross_segments=cross_segments,
                                    interpret=interpret)
 
 
 def _reference_attention(*args, causal: bool, cross_segments: bool,
-                         sorted_self_attention: bool = False) -> Array:
-  del sorted_self_attention
+                         sorted_self_attention: bool = False,
+                         sorted_queries_row_keys: bool = False) -> Array:
+  del sorted_self_attention, sorted_queries_row_keys
   return attn_lib.routed_attention_reference(*args, causal=causal, cross_segments=cross_segments)
 
 

@@ -261,10 +261,10 @@ class Attention(nnx.Module):
     return self.forward(x_BTD, tok, lora)[0]
 
   def forward(self, x_BTD: Array, tok: Tokens, lora: LoRA | None = None,
-              site: Site = SELF_ATTENTION, kv: dict[str, KV] | None = None
-              ) -> tuple[Array, dict[str, KV]]:
+              site: Site = SELF_ATTENTION, kv: dict[str, KV] | None = None,
+              decoding: bool = False) -> tuple[Array, dict[str, KV]]:
     """(output, the kv store after this call): self-attention over `tok`, or over stored keys and
-    values as `site` says (Site)."""
+    values as `site` says (Site). `decoding`: the store is a decode cache (research/infer)."""
     b, t, _ = x_BTD.shape
     heads, kv_heads, dh = self.num_heads, self.num_kv_heads, self.head_dim
     kv = {} if kv is None else kv
@@ -291,8 +291,13 @@ class Attention(nnx.Module):
       out_BTHD = attend(q, k, v, tok.indices, tok.segments, tok.indices, tok.segments, causal=True,
                         cross_segments=self.cross_segments, sorted_self_attention=True)
     else:
+      # KV sharing in training / prefill reads recursion 1's entries: every token of the row in
+      # index order (KV sharing needs c_1 = 1), and the queries are a gathered subset whose slots
+      # have distinct ascending indices (routing.select_topk) or the whole row in place.
+      row_keys = site.shared is not None and not site.update and not decoding
       out_BTHD = attend(q, read.k, read.v, tok.indices, tok.segments, read.tok.indices,
-                        read.tok.segments, causal=True, cross_segments=self.cross_segments)
+                        read.tok.segments, causal=True, cross_segments=self.cross_segments,
+                        sorted_queries_row_keys=row_keys)
     return project(self.o_proj, "o_proj", out_BTHD.reshape(b, t, heads * dh), lora), kv
 
 
@@ -344,7 +349,8 @@ class Block(nnx.Module):
     depth's (attn, ffn) norm scales; `site`: the stored K/V its attention writes and reads
     (Site; by default plain self-attention); `carry`: from the previous block (Carry)."""
     attn_scale, ffn_scale = (None, None) if norms is None else norms
-    y_BTD, kv = self.attn.forward(self.attn_norm(x_BTD, attn_scale), tok, lora, site, carry.kv)
+    y_BTD, kv = self.attn.forward(self.attn_norm(x_BTD, attn_scale), tok, lora, site, carry.kv,
+                                  decoding=carry.depth is not None)
     carry = carry._replace(kv=kv or carry.kv)
     x_BTD = x_BTD + y_BTD
     h_BTD = self.ffn_norm(x_BTD, ffn_scale)
