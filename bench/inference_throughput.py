@@ -37,7 +37,6 @@ depths); `kv_bytes_per_token_analytic` the recursion-wise figure from the capaci
 (prelude + coda + num_shared x sum_r c_r) layers of K/V per token (vanilla: L).
 """
 
-import ast
 import dataclasses
 import json
 import math
@@ -54,6 +53,7 @@ import ml_collections as mlc
 import numpy as np
 from absl import app, flags, logging
 
+from bench.synthetic import parse_flags, parse_overrides, run
 from configs import mor as mor_configs
 from configs import vanilla as vanilla_configs
 from research import config as config_lib
@@ -76,21 +76,27 @@ FULL = dict(layers=14, train_steps=100, requests=128, rounds=2, prompt_min=16, p
 QUICK = dict(layers=8, train_steps=30, requests=80, rounds=1, prompt_min=8, prompt_max=24,
              gen_mean=24.0, gen_std=8.0, gen_min=4, gen_max=40)
 
-flags.DEFINE_bool("quick", False, "A small version (under 5 minutes on 2 CPU cores).")
-flags.DEFINE_list("models", list(MODELS), "Models to run (vanilla is always run).")
+FLAGS = flags.FlagValues()  # this bench's own flags: benches share no names in one process
+flags.DEFINE_bool("quick", False, "A small version (under 5 minutes on 2 CPU cores).",
+                  flag_values=FLAGS)
+flags.DEFINE_list("models", list(MODELS), "Models to run (vanilla is always run).",
+                  flag_values=FLAGS)
 flags.DEFINE_multi_string("workdir", [], "MODEL=DIR: load MODEL from this run instead of "
-                          "training it (its newest checkpoint and saved config).")
+                          "training it (its newest checkpoint and saved config).",
+                          flag_values=FLAGS)
 flags.DEFINE_string("train_dir", "", "Where models are trained (<dir>/<model>); a rerun resumes "
-                    "them ('': a temporary directory).")
-flags.DEFINE_integer("layers", None, "Unrolled depth L (default: 14, quick 8).")
-flags.DEFINE_integer("train_steps", None, "Training steps per model (default: 100, quick 30).")
-flags.DEFINE_integer("requests", None, "Requests N (default: 128, quick 80).")
-flags.DEFINE_integer("rounds", None, "Timed round-robin rounds (default: 2, quick 1).")
-flags.DEFINE_integer("batch", 32, "The fixed batch setting B (slots).")
-flags.DEFINE_integer("seed", 0, "Seed of the request set.")
-flags.DEFINE_multi_string("set", [], "dotted.key=value applied to every model's config.")
-flags.DEFINE_string("json", "", "Also write the result to this JSON file.")
-FLAGS = flags.FLAGS
+                    "them ('': a temporary directory).", flag_values=FLAGS)
+flags.DEFINE_integer("layers", None, "Unrolled depth L (default: 14, quick 8).", flag_values=FLAGS)
+flags.DEFINE_integer("train_steps", None, "Training steps per model (default: 100, quick 30).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("requests", None, "Requests N (default: 128, quick 80).", flag_values=FLAGS)
+flags.DEFINE_integer("rounds", None, "Timed round-robin rounds (default: 2, quick 1).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("batch", 32, "The fixed batch setting B (slots).", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Seed of the request set.", flag_values=FLAGS)
+flags.DEFINE_multi_string("set", [], "dotted.key=value applied to every model's config.",
+                          flag_values=FLAGS)
+flags.DEFINE_string("json", "", "Also write the result to this JSON file.", flag_values=FLAGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,20 +127,6 @@ class Settings:
     while out[-1] < self.prompt_max:
       out.append(2 * out[-1])
     return tuple(b for b in out if b <= self.max_len)
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-  """["a.b=1", "c=x"] -> {"a.b": 1, "c": "x"} (values as Python literals, else strings)."""
-  out = {}
-  for item in items:
-    key, sep, text = item.partition("=")
-    if not sep:
-      raise app.UsageError(f"--set={item}: expected dotted.key=value")
-    try:
-      out[key] = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      out[key] = text
-  return out
 
 
 def make_config(name: str, layers: int, train_steps: int, cache_dir: str,
@@ -431,8 +423,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str], out: Callable[[str], Any] = print) -> None:
   """Runs the benchmark from the flags; `out` receives the printed lines."""
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  parse_flags(FLAGS, argv)
   unknown = [n for n in FLAGS.models if n not in MODELS]
   if unknown:
     raise app.UsageError(f"--models: unknown {unknown}; choose from {list(MODELS)}")
@@ -460,4 +451,4 @@ def main(argv: list[str], out: Callable[[str], Any] = print) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

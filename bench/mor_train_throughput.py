@@ -31,7 +31,6 @@ of its two halves (attention sublayer with its projections, SwiGLU): how a step'
 with its tokens (min over `--steps` runs each).
 """
 
-import ast
 import json
 import statistics
 import time
@@ -45,34 +44,36 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from bench.synthetic import cpu_seconds, synthetic_batch
+from bench.synthetic import compile_train_step, cpu_seconds, parse_flags, parse_overrides, run
 from configs import mor as mor_configs
 from configs import vanilla as vanilla_configs
 from research import config as config_lib
 from research import routing
 from research.model import mor as mor_lib
 from research.model.layers import Block, Tokens
-from research.model.lm import LanguageModel, resolve_dtype
+from research.model.lm import resolve_dtype
 from research.train import flops
 from research.train import mesh as mesh_lib
-from research.train import optimizer as optimizer_lib
-from research.train import step as step_lib
 
 MODELS = ("vanilla", "recursive", "mor", "mor_token", "mor_share")
 DESIGNS = {"vanilla": None, "recursive": ("none", "cache"), "mor": ("expert", "cache"),
            "mor_token": ("token", "cache"), "mor_share": ("expert", "share")}
 
-flags.DEFINE_string("preset", "small", "Shape preset of configs/presets.py.")
-flags.DEFINE_integer("seq_len", 1024, "Tokens per row T.")
-flags.DEFINE_integer("batch", 4, "Rows per step.")
-flags.DEFINE_integer("nr", 3, "Recursions Nr (middle-cycle).")
-flags.DEFINE_integer("steps", 8, "Timed round-robin rounds (one step of each model per round).")
-flags.DEFINE_integer("warmup", 1, "Untimed rounds after compilation.")
-flags.DEFINE_multi_string("set", [], "dotted.key=value applied to all three configs.")
-flags.DEFINE_bool("pieces", False, "Also time a block and its halves at each step's tokens.")
-flags.DEFINE_list("models", list(MODELS), f"Models to time, of {MODELS} (vanilla always).")
-flags.DEFINE_string("json", "", "Also write the result to this JSON file.")
-FLAGS = flags.FLAGS
+FLAGS = flags.FlagValues()  # this bench's own flags: benches share no names in one process
+flags.DEFINE_string("preset", "small", "Shape preset of configs/presets.py.", flag_values=FLAGS)
+flags.DEFINE_integer("seq_len", 1024, "Tokens per row T.", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 4, "Rows per step.", flag_values=FLAGS)
+flags.DEFINE_integer("nr", 3, "Recursions Nr (middle-cycle).", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 8, "Timed round-robin rounds (one step of each model per round).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 1, "Untimed rounds after compilation.", flag_values=FLAGS)
+flags.DEFINE_multi_string("set", [], "dotted.key=value applied to all three configs.",
+                          flag_values=FLAGS)
+flags.DEFINE_bool("pieces", False, "Also time a block and its halves at each step's tokens.",
+                  flag_values=FLAGS)
+flags.DEFINE_list("models", list(MODELS), f"Models to time, of {MODELS} (vanilla always).",
+                  flag_values=FLAGS)
+flags.DEFINE_string("json", "", "Also write the result to this JSON file.", flag_values=FLAGS)
 
 
 def apply_overrides(cfg: mlc.ConfigDict, overrides: dict[str, Any]) -> None:
@@ -110,19 +111,7 @@ def make_configs(preset: str, seq_len: int, batch: int, nr: int,
 def compile_step(cfg: mlc.ConfigDict, mesh: jax.sharding.Mesh
                  ) -> tuple[jax.stages.Compiled, dict[str, Any], dict[str, jax.Array], float]:
   """(jitted train step, its initial state, a batch, XLA's FLOPs of one step)."""
-  tx = optimizer_lib.make_optimizer(cfg.train, cfg.train.steps)
-  schedule = optimizer_lib.make_schedule(cfg.train, cfg.train.steps)
-  init_state = step_lib.make_init_state(cfg.model, tx)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_RULES):
-    shardings = nnx.get_named_sharding(jax.eval_shape(init_state, jax.random.key(0)), mesh)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: LanguageModel(cfg.model, rngs=nnx.Rngs(0))))
-    state = jax.jit(init_state, out_shardings=shardings)(jax.random.key(cfg.seed))
-  batch_sharding = mesh_lib.batch_sharding(mesh)
-  train_step = step_lib.make_train_step(graphdef, tx, schedule, 1, policy=cfg.train.nonfinite)
-  batch = jax.device_put(synthetic_batch(cfg, np.random.default_rng(0)), batch_sharding)
-  jitted = jax.jit(train_step, in_shardings=(shardings, batch_sharding),
-                   out_shardings=(shardings, None), donate_argnums=0)
-  compiled = jitted.lower(state, batch).compile()
+  compiled, state, batch = compile_train_step(cfg, mesh)
   return compiled, state, batch, float(compiled.cost_analysis()["flops"])
 
 
@@ -264,24 +253,9 @@ def format_table(result: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-  """["a.b=1", "c=x"] -> {"a.b": 1, "c": "x"} (values as Python literals, else strings)."""
-  out = {}
-  for item in items:
-    key, sep, text = item.partition("=")
-    if not sep:
-      raise app.UsageError(f"--set={item}: expected dotted.key=value")
-    try:
-      out[key] = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      out[key] = text
-  return out
-
-
 def main(argv: list[str], out: Callable[[str], Any] = print) -> None:
   """Runs the benchmark from the flags; `out` receives the printed lines."""
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  parse_flags(FLAGS, argv)
   result = benchmark(FLAGS.preset, FLAGS.seq_len, FLAGS.batch, FLAGS.nr, FLAGS.steps,
                      FLAGS.warmup, parse_overrides(FLAGS.set), FLAGS.pieces,
                      tuple(FLAGS.models))
@@ -298,4 +272,4 @@ def main(argv: list[str], out: Callable[[str], Any] = print) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

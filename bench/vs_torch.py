@@ -39,20 +39,15 @@ from typing import Any
 
 import jax
 import ml_collections as mlc
-import numpy as np
 from absl import app, flags
-from flax import nnx
 
-from bench.synthetic import synthetic_batch
+from bench.synthetic import compile_train_step, parse_flags, run
 from configs import mor as mor_configs
 from configs import vanilla as vanilla_configs
 from research import config as config_lib
 from research.model import recursion
-from research.model.lm import LanguageModel
 from research.train import flops, peak
 from research.train import mesh as mesh_lib
-from research.train import optimizer as optimizer_lib
-from research.train import step as step_lib
 
 VARIANTS = ("vanilla", "recursive")
 SHAPES = ("8x256", "4x1024", "small")
@@ -60,18 +55,21 @@ TINY = dict(d_model=128, d_ff=344, num_heads=4, num_kv_heads=2, num_layers=8, vo
 MISSING = ("error: bench/vs_torch.py needs torch and transformers: "
            "pip install -r requirements-bench.txt")
 
+FLAGS = flags.FlagValues()  # this bench's own flags: benches share no names in one process
 flags.DEFINE_list("shapes", list(SHAPES), f"Shapes among {SHAPES}: BxT of the tiny config, or "
-                  "small (configs/vanilla.py:small at 16x256).")
-flags.DEFINE_list("variants", list(VARIANTS), f"Variants among {VARIANTS}.")
-flags.DEFINE_integer("rounds", 7, "Timed round-robin rounds.")
-flags.DEFINE_integer("warmup", 2, "Untimed rounds after compilation.")
-flags.DEFINE_integer("threads", 2, "torch intra-op threads.")
-flags.DEFINE_bool("compile", True, "Also time torch.compile.")
-flags.DEFINE_bool("quick", False, "Smoke run: shape 8x256 only, 2 rounds after 1 warm-up.")
-flags.DEFINE_string("json", "", "Also write {'rows': [...]} to this JSON file.")
-flags.DEFINE_bool("ours_only", False, "Time our step alone (no torch): step ms and MFU.")
-flags.DEFINE_string("dtype", "float32", "Our compute dtype (float32 | bfloat16 | auto).")
-FLAGS = flags.FLAGS
+                  "small (configs/vanilla.py:small at 16x256).", flag_values=FLAGS)
+flags.DEFINE_list("variants", list(VARIANTS), f"Variants among {VARIANTS}.", flag_values=FLAGS)
+flags.DEFINE_integer("rounds", 7, "Timed round-robin rounds.", flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 2, "Untimed rounds after compilation.", flag_values=FLAGS)
+flags.DEFINE_integer("threads", 2, "torch intra-op threads.", flag_values=FLAGS)
+flags.DEFINE_bool("compile", True, "Also time torch.compile.", flag_values=FLAGS)
+flags.DEFINE_bool("quick", False, "Smoke run: shape 8x256 only, 2 rounds after 1 warm-up.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("json", "", "Also write {'rows': [...]} to this JSON file.", flag_values=FLAGS)
+flags.DEFINE_bool("ours_only", False, "Time our step alone (no torch): step ms and MFU.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("dtype", "float32", "Our compute dtype (float32 | bfloat16 | auto).",
+                    flag_values=FLAGS)
 
 
 def bench_config(shape: str, variant: str, compute_dtype: str = "float32") -> mlc.ConfigDict:
@@ -192,20 +190,7 @@ def torch_step(m: mlc.ConfigDict, t: mlc.ConfigDict, compiled: bool, seed: int =
 def ours_step(cfg: mlc.ConfigDict) -> Callable[[], None]:
   """step() runs one of our jitted, compiled train steps (research/train/step.py, as
   bench/train_throughput.py builds it) on a fixed random batch, the state donated and kept."""
-  mesh = mesh_lib.make_mesh(cfg.mesh)
-  tx = optimizer_lib.make_optimizer(cfg.train, cfg.train.steps)
-  schedule = optimizer_lib.make_schedule(cfg.train, cfg.train.steps)
-  init_state = step_lib.make_init_state(cfg.model, tx)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_RULES):
-    shardings = nnx.get_named_sharding(jax.eval_shape(init_state, jax.random.key(0)), mesh)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: LanguageModel(cfg.model, rngs=nnx.Rngs(0))))
-    state = jax.jit(init_state, out_shardings=shardings)(jax.random.key(cfg.seed))
-  batch_sharding = mesh_lib.batch_sharding(mesh)
-  train_step = step_lib.make_train_step(graphdef, tx, schedule, 1, policy=cfg.train.nonfinite)
-  batch = jax.device_put(synthetic_batch(cfg, np.random.default_rng(0)), batch_sharding)
-  compiled = jax.jit(train_step, in_shardings=(shardings, batch_sharding),
-                     out_shardings=(shardings, None), donate_argnums=0
-                     ).lower(state, batch).compile()
+  compiled, state, batch = compile_train_step(cfg, mesh_lib.make_mesh(cfg.mesh))
   box = [state]
 
   def step() -> None:
@@ -292,8 +277,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str], out: Callable[[str], Any] = print) -> None:
   """Runs every (variant, shape) row from the flags, prints the table, writes --json."""
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  parse_flags(FLAGS, argv)
   shapes, rounds, warmup = FLAGS.shapes, FLAGS.rounds, FLAGS.warmup
   if FLAGS.quick:
     shapes, rounds, warmup = ["8x256"], 2, 1
@@ -329,4 +313,4 @@ def main(argv: list[str], out: Callable[[str], Any] = print) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -5,8 +5,6 @@ is checked."""
 import json
 
 import pytest
-from absl import flags
-from absl.testing import flagsaver
 
 from bench import mor_train_throughput as bench
 from configs import mor as mor_configs
@@ -24,12 +22,10 @@ SETS = ["model.d_model=32", "model.d_ff=64"]
 def result(tmp_path_factory):
   """One run of the bench's main at T=32, d=32: (its JSON, its printed output)."""
   path = tmp_path_factory.mktemp("bench") / "mor.json"
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  with flagsaver.flagsaver(preset="tiny", seq_len=T, batch=2, nr=3, steps=STEPS, warmup=0,
-                           set=SETS, pieces=True, json=str(path)):
-    printed = []
-    bench.main(["bench"], out=printed.append)
+  printed = []
+  bench.main(["bench", "--preset=tiny", f"--seq_len={T}", "--batch=2", "--nr=3",
+              f"--steps={STEPS}", "--warmup=0", *(f"--set={s}" for s in SETS), "--pieces",
+              f"--json={path}"], out=printed.append)
   return json.loads(path.read_text()), "\n".join(printed)
 
 

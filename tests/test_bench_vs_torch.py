@@ -6,8 +6,6 @@ import json
 
 import jax
 import pytest
-from absl import flags
-from absl.testing import flagsaver
 from flax import nnx
 
 from bench import vs_torch as bench
@@ -50,8 +48,6 @@ def test_middle_cycle_layer_order():
 
 def test_missing_torch_prints_one_error_line_and_exits_nonzero(monkeypatch, capsys):
   monkeypatch.setitem(__import__("sys").modules, "torch", None)  # import torch -> ImportError
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
   with pytest.raises(SystemExit) as exit_info:
     bench.main(["vs_torch"])
   assert exit_info.value.code != 0
@@ -75,13 +71,10 @@ def test_torch_model_has_our_parameter_count(variant):
 def test_ours_only_runs_without_torch(monkeypatch, tmp_path):
   """--ours_only (device_check.sh's part): our step alone, its time and MFU, no torch import."""
   monkeypatch.setitem(__import__("sys").modules, "torch", None)
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
   path = tmp_path / "ours.json"
   printed = []
-  with flagsaver.flagsaver(ours_only=True, shapes=["2x32"], variants=["recursive"], rounds=1,
-                           warmup=0, json=str(path)):
-    bench.main(["vs_torch"], out=printed.append)
+  bench.main(["vs_torch", "--ours_only", "--shapes=2x32", "--variants=recursive", "--rounds=1",
+              "--warmup=0", f"--json={path}"], out=printed.append)
   (row,) = json.loads(path.read_text())["rows"]
   assert (row["variant"], row["shape"], row["dtype"]) == ("recursive", "2x32", "float32")
   assert row["ours_ms"] > 0 and 0 < row["mfu"] < 1

@@ -574,3 +574,38 @@ def test_error_log_takes_the_tracebacks_of_native_callbacks(tmp_path, capfd):
   assert log.count == 2
   assert (tmp_path / "errors.log").read_text().count("RuntimeError: Event loop is closed") == 2
   assert "Event loop is closed" not in capfd.readouterr().err
+
+
+def test_error_log_takes_an_orphaned_orbax_read_task(tmp_path, capfd):
+  """A failed orbax read task that nobody awaited is reported by asyncio when it is collected,
+  after its checkpoint was already skipped ("Task exception was never retrieved", seen under
+  load in the corrupted-checkpoint test): it goes to the error log, not to the console."""
+  import asyncio
+  import gc
+  import logging as pylogging
+
+  from absl import logging as absl_logging
+
+  from research.train import checkpoint
+
+  source = ("async def read():\n"
+            "  raise ValueError('Encountered error while reading array index')\n")
+  namespace = {}  # a coroutine whose code lives in orbax, as the task's repr then says
+  exec(compile(source, os.path.join(os.sep, "site-packages", "orbax", "serialization.py"),
+               "exec"), namespace)
+
+  handler = absl_logging.get_absl_handler()  # on the root logger, as app.run puts it
+  pylogging.getLogger().addHandler(handler)
+  try:
+    with checkpoint.ErrorLog(str(tmp_path / "errors.log")) as log:
+      loop = asyncio.new_event_loop()
+      task = loop.create_task(namespace["read"]())
+      loop.run_until_complete(asyncio.sleep(0.01))
+      loop.close()
+      del task
+      gc.collect()
+  finally:
+    pylogging.getLogger().removeHandler(handler)
+  assert log.count == 1, capfd.readouterr().err
+  assert "Task exception was never retrieved" in (tmp_path / "errors.log").read_text()
+  assert "Traceback" not in capfd.readouterr().err

@@ -172,7 +172,9 @@ def test_linear_router_is_bit_identical_to_main():
   logits, aux, _ = build(cfg)(TOKENS)
   main = [0.5307830572128296, -0.013621663674712181, 0.03294314071536064,
           -0.028920769691467285, 0.17886482179164886, -0.030144361779093742]
-  np.testing.assert_allclose(np.asarray(logits[:, :, :3]).reshape(-1)[:6], main, rtol=1e-6)
+  # rtol 1e-5: the CPU flash attention (xla_attention.flash_attention) rounds differently from
+  # the einsum path these logits were recorded with (observed: rel 1.4e-6)
+  np.testing.assert_allclose(np.asarray(logits[:, :, :3]).reshape(-1)[:6], main, rtol=1e-5)
   np.testing.assert_allclose(float(jnp.sum(logits)), 20.423290252685547, rtol=1e-5)
   np.testing.assert_allclose(float(aux["moe/balance"]), 1.0093896389007568, rtol=1e-6)
 
