@@ -235,28 +235,27 @@ def entry_bytes(model) -> int:
   return 2 * attn.num_kv_heads * attn.head_dim * jnp.dtype(model.embed.dtype).itemsize
 
 
-def kv_layers_analytic(model) -> float:
-  """K/V entries per token (in layers) that recursion-wise caching needs by the capacities:
-  prelude + coda + num_shared x sum_r c_r; KV sharing: prelude + coda + num_shared; vanilla and
-  a plain recursion: every unrolled depth."""
+def kv_layers(model, steps_per_token: float) -> float:
+  """K/V entries per token (in layers) when a token runs `steps_per_token` recursion steps on
+  average with recursion-wise caching: prelude + coda + num_shared x steps; KV sharing: prelude +
+  coda + num_shared; vanilla and a plain recursion: every unrolled depth."""
   core = model.core
   outer = len(model.prelude.blocks) + len(model.coda.blocks)
   if core.rule is None:
     return outer + len(core.plan.order)
   if core.kv_mode == "share":
     return outer + core.plan.num_shared
-  return outer + core.plan.num_shared * sum(core.rule.capacity)
+  return outer + core.plan.num_shared * steps_per_token
+
+
+def kv_layers_analytic(model) -> float:
+  """kv_layers at the capacities' sum (what recursion-wise caching needs by the paper)."""
+  return kv_layers(model, sum(model.core.rule.capacity) if model.core.rule is not None else 0.0)
 
 
 def kv_layers_used(model, mean_depth: float) -> float:
-  """K/V entries per token (in layers) the served tokens filled at their realised mean depth."""
-  core = model.core
-  outer = len(model.prelude.blocks) + len(model.coda.blocks)
-  if core.rule is None:
-    return outer + len(core.plan.order)
-  if core.kv_mode == "share":
-    return outer + core.plan.num_shared
-  return outer + core.plan.num_shared * mean_depth
+  """kv_layers at the served tokens' realised mean depth."""
+  return kv_layers(model, mean_depth)
 
 
 def serve_plan(name: str, model, s: Settings) -> tuple[str, str]:

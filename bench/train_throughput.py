@@ -14,18 +14,13 @@ import time
 
 import jax
 import ml_collections as mlc
-import numpy as np
 from absl import app, flags
-from flax import nnx
 from ml_collections import config_flags
 
-from bench.synthetic import cpu_seconds, synthetic_batch
+from bench.synthetic import compile_train_step, cpu_seconds
 from research import config as config_lib
-from research.model.lm import LanguageModel
 from research.train import flops, peak
 from research.train import mesh as mesh_lib
-from research.train import optimizer as optimizer_lib
-from research.train import step as step_lib
 
 config_flags.DEFINE_config_file("config", "configs/vanilla.py:small", "Experiment config[:preset].",
                                 lock_config=True)
@@ -41,26 +36,11 @@ def benchmark(cfg: mlc.ConfigDict, steps: int, warmup: int) -> dict:
   mesh = mesh_lib.make_mesh(cfg.mesh)
   config_lib.validate_against_devices(cfg, tuple(mesh.shape.values()), jax.process_count())
   total = warmup + steps + 1
-  tx = optimizer_lib.make_optimizer(cfg.train, total)
-  schedule = optimizer_lib.make_schedule(cfg.train, total)
-
-  init_state = step_lib.make_init_state(cfg.model, tx)
-
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_lib.LOGICAL_RULES):
-    shardings = nnx.get_named_sharding(jax.eval_shape(init_state, jax.random.key(0)), mesh)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: LanguageModel(cfg.model, rngs=nnx.Rngs(0))))
-    state = jax.jit(init_state, out_shardings=shardings)(jax.random.key(cfg.seed))
-  batch_sharding = mesh_lib.batch_sharding(mesh)
-  train_step = step_lib.make_train_step(graphdef, tx, schedule, cfg.train.grad_accum,
-                                        policy=cfg.train.nonfinite)
-  train_step = jax.jit(train_step, in_shardings=(shardings, batch_sharding),
-                       out_shardings=(shardings, None), donate_argnums=0)
-  batch = jax.device_put(synthetic_batch(cfg, np.random.default_rng(0)), batch_sharding)
-
   t0 = time.perf_counter()
+  train_step, state, batch = compile_train_step(cfg, mesh, total)
   state, metrics = train_step(state, batch)
   jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - t0
+  compile_s = time.perf_counter() - t0  # compilation and the first step
   for _ in range(warmup):
     state, metrics = train_step(state, batch)
   jax.block_until_ready(metrics)
