@@ -99,13 +99,17 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.moe.every = 1  # routed FFN where (layer + 1) % every == 0 (1: every layer)
   c.model.moe.impl = "ragged"  # ragged (sort + grouped matmuls) | dense (all experts, reference)
   c.model.moe.gmm = "xla"  # ragged grouped matmul: xla (lax.ragged_dot) | pallas | reference
-  c.model.moe.router = "linear"  # linear x W_r | gru: RMoE, h_i = GRU(x_i Proj_i, h_{i-1}) G_i
+  # linear x W_r | gru: RMoE, h_i = GRU(x_i Proj_i, h_{i-1}) G_i | mlp: GELU(x W1) W2 (SMoE-MLP)
+  c.model.moe.router = "linear"
   c.model.moe.gru_dim = 128  # gru: GRU hidden size p (RMoE recommends 128)
+  c.model.moe.router_mlp_dim = -1  # mlp: hidden width m (-1: 2 * gru_dim, RMoE Tab. 1's 256)
   c.model.moe.gru_recurrence = "full"  # gru: full | detach (stop grad of h_{i-1}) | none (h = 0)
   c.model.moe.rex_group = 1  # ReXMoE r: groups of r adjacent MoE layers route over r E experts
   c.model.moe.psr = False  # ReXMoE Progressive Scaling Routing: routable pool N -> r N (Eq. 6)
-  c.model.moe.psr_start = 0  # PSR t_s: only the layer's own E experts up to this step
+  c.model.moe.psr_start = 0  # PSR t_s: only N_0 candidates (the layer's own E) up to this step
   c.model.moe.psr_end = 1000  # PSR t_e: all r E experts routable from this step
+  c.model.moe.psr_schedule = "linear"  # PSR N_t: linear (Eq. 6) | stepwise (r - 1 jumps, Tab. 5)
+  c.model.moe.psr_start_experts = -1  # PSR N_0 up to t_s (-1: E); < E allows PSR at rex_group=1
   # Chain-of-Experts (docs/methods/rrt_coe_rmoe_rexmoe.md §2; docs/moe.md): the routed FFN run
   # `iterations` times over the same experts, one router per iteration, top_k per iteration.
   c.model.moe.iterations = 1  # C (1: plain MoE)

@@ -10,6 +10,7 @@ import os
 
 import ml_collections as mlc
 
+from research import routing
 from research.kernels import dispatch
 from research.model import moe, recursion, routers
 
@@ -165,7 +166,12 @@ def validate_moe(cfg: mlc.ConfigDict) -> None:
   _one_of(cfg, "model.moe.score", ("softmax", "sigmoid"))
   _one_of(cfg, "model.moe.impl", ("ragged", "dense"))
   _one_of(cfg, "model.moe.gmm", dispatch.GMM_IMPLS)
-  _one_of(cfg, "model.moe.router", ("linear", "gru"))
+  _one_of(cfg, "model.moe.router", ("linear", "gru", "mlp"))
+  if c.router == "mlp":
+    _check(c.router_mlp_dim == -1 or c.router_mlp_dim >= 1, "model.moe.router_mlp_dim",
+           c.router_mlp_dim, "must be >= 1, or -1 (2 * config.model.moe.gru_dim)")
+    if c.router_mlp_dim == -1:
+      _positive(cfg, "model.moe.gru_dim")
   if c.router == "gru":
     _positive(cfg, "model.moe.gru_dim")
     _one_of(cfg, "model.moe.gru_recurrence", routers.RECURRENCE)
@@ -195,7 +201,19 @@ def validate_moe(cfg: mlc.ConfigDict) -> None:
   _positive(cfg, "model.moe.rex_group")
   _check(len(routed) % c.rex_group == 0, "model.moe.rex_group", c.rex_group,
          f"must divide the {len(routed)} MoE layers (ReXMoE groups of adjacent MoE layers)")
-  if c.rex_group > 1 and c.psr:
+  if c.psr:
+    _one_of(cfg, "model.moe.psr_schedule", routing.PSR_SCHEDULES)
+    first = c.psr_start_experts
+    _check(first == -1 or c.top_k <= first <= c.num_experts, "model.moe.psr_start_experts", first,
+           f"must be -1 (config.model.moe.num_experts) or lie in [config.model.moe.top_k={c.top_k}"
+           f", config.model.moe.num_experts={c.num_experts}]")
+    if c.rex_group == 1:
+      _check(first not in (-1, c.num_experts), "model.moe.psr", True,
+             "at config.model.moe.rex_group=1 PSR has nothing to grow: set "
+             "config.model.moe.psr_start_experts below num_experts (the R1 control) or psr=False")
+      _check(c.psr_schedule == "linear", "model.moe.psr_schedule", c.psr_schedule,
+             "stepwise grows the pool in rex_group - 1 jumps, none at config.model.moe.rex_group=1;"
+             " use 'linear'")
     _check(c.psr_start >= 0, "model.moe.psr_start", c.psr_start, "must be >= 0")
     _check(c.psr_end > c.psr_start, "model.moe.psr_end", c.psr_end,
            f"must be > config.model.moe.psr_start={c.psr_start}")

@@ -283,18 +283,47 @@ def _permute_bwd(inv_M: Array, g_MD: Array) -> tuple[Array, None, None]:
 permute_rows.defvjp(_permute_fwd, _permute_bwd)
 
 
-def psr_num_candidates(step: Array, num_local: int, group: int, start: int, end: int) -> Array:
-  """ReXMoE Progressive Scaling Routing, Eq. 6: N_t = N for t <= t_s, floor((1 + (r - 1)(t - t_s)
-  / (t_e - t_s)) N) between, r N from t_e on; in integers, N + floor((r - 1) N (t - t_s) /
-  (t_e - t_s))."""
+PSR_SCHEDULES = ("linear", "stepwise")
+
+
+def psr_boundaries(group: int, start: int, end: int) -> tuple[int, ...]:
+  """The r - 1 steps of PSR-Stepwise's jumps, numpy.linspace(t_s, t_e, r - 1) (t_s alone for
+  r = 2, none for r = 1), each rounded up to an integer step: t >= p iff t >= ceil(p) for an
+  integer t; exact integers, p_k = t_s + ceil(k (t_e - t_s) / (r - 2))."""
+  if group <= 2:
+    return (start,) * (group - 1)
+  return tuple(start - (-k * (end - start)) // (group - 2) for k in range(group - 1))
+
+
+def psr_num_candidates(step: Array, num_local: int, group: int, start: int, end: int, *,
+                       first: int = -1, schedule: str = "linear") -> Array:
+  """ReXMoE Progressive Scaling Routing: the routable candidates N_t at step t, from N_0 = `first`
+  (-1: N = num_local) before t_s to r N from t_e on, in integers (jit-safe on a traced step).
+
+  linear (Eq. 6): N_t = N_0 + floor((r N - N_0)(t - t_s) / (t_e - t_s)), t clipped to [t_s, t_e];
+  with N_0 = N this is Eq. 6's floor((1 + (r - 1)(t - t_s) / (t_e - t_s)) N).
+  stepwise (Tab. 5 "PSR-Stepwise"): N_t = N_0 + round((r N - N_0) j / (r - 1)), rounding half up,
+  j = the number of `psr_boundaries` p_k <= t; with N_0 = N, N_t = N (1 + j) (N = 64, r = 4,
+  t_s = 10k, t_e = 30k: 64, then 128 from 10k, 192 from 20k, 256 from 30k).
+  """
+  n0, total = (num_local if first == -1 else first), group * num_local
+  if schedule == "stepwise":
+    bounds = psr_boundaries(group, start, end)
+    if not bounds:
+      return jnp.full(jnp.shape(step), n0, jnp.int32)
+    j = jnp.sum(step[..., None] >= jnp.asarray(bounds, jnp.int32), axis=-1)
+    return n0 + (2 * (total - n0) * j + group - 1) // (2 * (group - 1))
   t = jnp.clip(step, start, end) - start
-  return num_local + ((group - 1) * num_local * t) // (end - start)
+  return n0 + ((total - n0) * t) // (end - start)
 
 
 def psr_mask(key: Array, num_kept: Array, num_local: int, member: int, group: int) -> Array:
-  """Local-first PSR mask [r N]: True at the layer's own N candidates (member's block) and at
-  num_kept - N of the others, drawn uniformly without replacement from `key`."""
+  """Local-first PSR mask [r N]: the first num_kept candidates in an order drawn from `key` that
+  lists the layer's own N (member's block) before the others, each part uniformly shuffled: all
+  N own and num_kept - N others drawn without replacement when num_kept >= N, else a uniform
+  num_kept-subset of the own N."""
   n = num_local * group
   local_N = jnp.arange(n) // num_local == member
-  u_N = jnp.where(local_N, -1.0, jax.random.uniform(key, (n,)))
+  u_N = jax.random.uniform(key, (n,))
+  u_N = jnp.where(local_N, u_N - 1.0, u_N)  # own in [-1, 0), the others in [0, 1)
   return jnp.argsort(jnp.argsort(u_N)) < num_kept

@@ -208,10 +208,12 @@ def pool_usage(app: Application) -> np.ndarray:
 
 
 def psr_pool_sizes(moe_cfg, steps: np.ndarray) -> np.ndarray:
-  """ReXMoE PSR: the routable candidates N_t at each optimizer step (Eq. 6,
-  routing.psr_num_candidates); r E throughout without PSR."""
+  """PSR: the routable candidates N_t at each optimizer step (Eq. 6 or stepwise, from N_0 =
+  psr_start_experts, routing.psr_num_candidates); r E throughout without PSR."""
   e, r = moe_cfg.num_experts, moe_cfg.rex_group
-  if not (moe_cfg.psr and r > 1):
+  first = moe_cfg.get("psr_start_experts", -1)
+  if not (moe_cfg.psr and (r > 1 or first not in (-1, e))):
     return np.full(len(steps), e * r)
+  kw = dict(first=first, schedule=moe_cfg.get("psr_schedule", "linear"))
   return np.array([int(routing.psr_num_candidates(jnp.asarray(s), e, r, moe_cfg.psr_start,
-                                                  moe_cfg.psr_end)) for s in steps])
+                                                  moe_cfg.psr_end, **kw)) for s in steps])

@@ -27,6 +27,10 @@ input unless `outer_residual` is False) chosen by coe_residual, as the official 
 "inner" (T, F: the code's default, so the block's output is norm(h) + sum of the updates),
 "inner_outer" (T, T).
 
+An MLP router (model.moe.router="mlp", RMoE Tab. 1's "SMoE-MLP" baseline) scores
+logits = GELU(x W1) W2, W1 [D, m], W2 [m, E] (r E with ReXMoE), one per CoE iteration like the
+linear router.
+
 RMoE (Qiu et al. 2024, spec §3; model.moe.router="gru"): the logits of MoE layer i come from
 routers.RecurrentRouter, h_i = GRU(x_i Proj_i, h_{i-1}), logits = h_i G_i, with one GRU cell for
 the whole model (RoutedFFNs builds it) and h carried from block to block in layers.Carry.
@@ -35,9 +39,10 @@ ReXMoE (spec §4; model.moe.rex_group r > 1): the MoE layers form disjoint group
 ones; each layer's router scores the r E experts of its group (its own at candidates
 [member E, (member + 1) E)), stored once per group as one stacked ExpertPool that every member
 holds, so a layer selecting a neighbour's expert uses that very parameter. Progressive Scaling
-Routing (model.moe.psr, §4.2) zeroes the scores of all but N_t candidates (Eq. 6) before the top-k,
-the layer's own experts first, the rest drawn per step and layer from the training step in the
-carry.
+Routing (model.moe.psr, §4.2) zeroes the scores of all but N_t candidates (Eq. 6, or Tab. 5's
+stepwise schedule) before the top-k, the layer's own experts first, the rest drawn per step and
+layer from the training step in the carry. With psr_start_experts N_0 < E it also runs on a plain
+MoE (r = 1): N_t grows from N_0 to E, a random N_t-subset of the layer's experts.
 
 CoE combines with ReXMoE (iteration t's router scores the group's r E pooled experts, under the
 layer's PSR mask of the step) but not with RMoE (config.py refuses router="gru" with C > 1).
@@ -88,13 +93,34 @@ def num_candidates(m: mlc.ConfigDict) -> int:
 PSR_SEED = 0  # PSR masks: key fold_in(fold_in(key(PSR_SEED), step), layer), reproducible per step
 
 
+def router_mlp_dim(m: mlc.ConfigDict) -> int:
+  """Hidden width m of the MLP router: model.moe.router_mlp_dim, or 2 gru_dim when it is -1 (RMoE
+  Tab. 1's SMoE-MLP: 0.75M router parameters on enwik8 = 8 (352 m + 16 m) at m = 256 = 2 p)."""
+  c = m.moe
+  return 2 * c.gru_dim if c.router_mlp_dim == -1 else c.router_mlp_dim
+
+
+def psr_first(m: mlc.ConfigDict) -> int:
+  """PSR's N_0, the candidates routable up to t_s: model.moe.psr_start_experts, or E when -1."""
+  c = m.moe
+  return c.num_experts if c.psr_start_experts == -1 else c.psr_start_experts
+
+
+def psr_applies(m: mlc.ConfigDict) -> bool:
+  """Whether the routed layers mask candidates by PSR: a ReXMoE group (r > 1), or a plain MoE
+  whose N_0 < E (the R1 control)."""
+  c = m.moe
+  return c.num_experts > 0 and c.psr and (c.rex_group > 1 or psr_first(m) < c.num_experts)
+
+
 def router_params(m: mlc.ConfigDict) -> int:
-  """Router parameters of one routed layer: W_r d E (linear; one per CoE iteration unless
-  coe_shared_router), or RMoE's Proj_i d p + G_i p E."""
+  """Router parameters of one routed layer: W_r d E (linear) or W1 d m + W2 m E (mlp), one per
+  CoE iteration unless coe_shared_router; or RMoE's Proj_i d p + G_i p E."""
   c, e = m.moe, num_candidates(m)
   if c.router == "gru":
     return (m.d_model + e) * c.gru_dim
-  return (1 if c.coe_shared_router else c.iterations) * m.d_model * e
+  per_router = (m.d_model + e) * router_mlp_dim(m) if c.router == "mlp" else m.d_model * e
+  return (1 if c.coe_shared_router else c.iterations) * per_router
 
 
 def shared_router_params(m: mlc.ConfigDict) -> int:
@@ -104,11 +130,13 @@ def shared_router_params(m: mlc.ConfigDict) -> int:
 
 
 def router_macs(m: mlc.ConfigDict) -> int:
-  """Multiply-adds per token of one routed layer's router call (one per CoE iteration): d E, or
-  d p + 6 p^2 + p E (RMoE: Proj_i, the GRU's six p x p maps, G_i)."""
+  """Multiply-adds per token of one routed layer's router call (one per CoE iteration): d E, the
+  MLP's d m + m E, or d p + 6 p^2 + p E (RMoE: Proj_i, the GRU's six p x p maps, G_i)."""
   c, e = m.moe, num_candidates(m)
   if c.router == "linear":
     return m.d_model * e
+  if c.router == "mlp":
+    return (m.d_model + e) * router_mlp_dim(m)
   return (m.d_model + 6 * c.gru_dim + e) * c.gru_dim
 
 
@@ -194,16 +222,18 @@ class MoE(nnx.Module):
     if c.router == "gru":  # RMoE: `gru` is the model's one cell (RoutedFFNs); C = 1 (config.py)
       self.router = routers.RecurrentRouter(d, c.gru_dim, e, gru, recurrence=c.gru_recurrence,
                                             std=m.init_std, param_dtype=param_dtype, rngs=rngs)
-    else:
-      self.router = routers.Router(1 if c.coe_shared_router else c.iterations, d, e, "linear",
-                                   std=m.init_std, param_dtype=param_dtype, rngs=rngs)
+    else:  # linear, or mlp with hidden width router_mlp_dim (one network per CoE iteration)
+      self.router = routers.Router(1 if c.coe_shared_router else c.iterations, d, e, c.router,
+                                   std=m.init_std, param_dtype=param_dtype, rngs=rngs,
+                                   hidden=router_mlp_dim(m) if c.router == "mlp" else None)
     self.pool = pool  # ReXMoE: the group's experts; else the layer's own below
     if pool is None:
       self.gate_proj, self.up_proj, self.down_proj = stacked_experts(
           e, d, f, std=m.init_std, param_dtype=param_dtype, rngs=rngs)
     self.member, self.layer = member, layer
     self.router_out, self.group = e, c.rex_group
-    self.psr = (c.psr_start, c.psr_end) if pool is not None and c.psr else None
+    self.psr = (dict(start=c.psr_start, end=c.psr_end, first=psr_first(m),
+                     schedule=c.psr_schedule) if psr_applies(m) else None)
     self.shared = (SwiGLU(d, f * c.num_shared_experts, std=m.init_std, dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs) if c.num_shared_experts else None)
     self.dtype = dtype
@@ -220,7 +250,7 @@ class MoE(nnx.Module):
     """Router logits, top-k gates and the capacity mask of the valid (non-padding) tokens, by the
     router of iteration t (CoE: e_t of spec §2.1; router 0 for all t with coe_shared_router).
     `logits_BTE` replaces the linear router's (RMoE's recurrent router, `forward`); scores are 0
-    where `keep_E` is False (ReXMoE's PSR mask, `psr_mask`), before the top-k."""
+    where `keep_E` is False (the PSR mask, `psr_mask`), before the top-k."""
     if logits_BTE is None:
       logits_BTE = self.router(x_BTD, 0 if self.shared_router else t)
     scores_BTE = routing.expert_scores(logits_BTE, self.score)
@@ -273,7 +303,7 @@ class MoE(nnx.Module):
               keep_E: Array | None = None) -> tuple[Array, list[Routing]]:
     """x^(C) of the chain x^(t) = [x^(t-1) +] MoE_t(x^(t-1)) (CoE, spec §2.1; the bracket with
     the inner residual) and the routing of each iteration; `logits_BTE` (RMoE, C = 1) and
-    `keep_E` (ReXMoE's PSR mask, the same at every iteration) as in `route`."""
+    `keep_E` (the PSR mask, the same at every iteration) as in `route`."""
     rs = []
     for t in range(self.iterations):
       r = self.route(x_BTD, valid_BT, t, logits_BTE=logits_BTE, keep_E=keep_E)
@@ -286,11 +316,13 @@ class MoE(nnx.Module):
     return x_BTD, rs
 
   def psr_mask(self, step: Array) -> Array:
-    """ReXMoE PSR at optimizer step `step`: N_t of the r E candidates routable (Eq. 6), the
-    layer's own first (routing.psr_mask)."""
+    """PSR at optimizer step `step`: N_t of the r E candidates routable (Eq. 6 or stepwise,
+    routing.psr_num_candidates), the layer's own first (routing.psr_mask)."""
     e = self.router_out // self.group
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(PSR_SEED), step), self.layer)
-    kept = routing.psr_num_candidates(step, e, self.group, *self.psr)
+    p = self.psr
+    kept = routing.psr_num_candidates(step, e, self.group, p["start"], p["end"],
+                                      first=p["first"], schedule=p["schedule"])
     return routing.psr_mask(key, kept, e, self.member, self.group)
 
   def aux(self, r: Routing, valid_BT: Array) -> dict:
@@ -334,8 +366,8 @@ class RoutedFFNs:
       self.gru = routers.GRUCell(c.gru_dim, param_dtype=kw["param_dtype"], rngs=kw["rngs"])
     member = self.built % c.rex_group
     self.built += 1
-    if c.rex_group == 1:
-      return MoE(m, **kw, gru=self.gru)
+    if c.rex_group == 1:  # `layer` keys the PSR mask of the R1 control
+      return MoE(m, **kw, gru=self.gru, layer=layer)
     if member == 0:
       self.pool = ExpertPool(num_candidates(m), m.d_model, expert_d_ff(m), std=m.init_std,
                              param_dtype=kw["param_dtype"], rngs=kw["rngs"])
@@ -343,9 +375,8 @@ class RoutedFFNs:
 
 
 def uses_step(m: mlc.ConfigDict) -> bool:
-  """Whether a routed layer reads the optimizer step from the carry (ReXMoE's PSR)."""
-  c = m.moe
-  return c.num_experts > 0 and c.rex_group > 1 and c.psr
+  """Whether a routed layer reads the optimizer step from the carry (PSR)."""
+  return psr_applies(m)
 
 
 def iteration_aux(gate_calls: list[dict]) -> dict:

@@ -7,6 +7,9 @@ MoR routers (docs/methods/mor.md §2.1, paper App. G.1), `num` of them stacked o
   wide_mlp  s = GELU(x W1) W2, hidden 4d (the paper's text; the official code's wide_mlp is the
             same 2d MLP as mlp, so its W-MLP rows are 2d)
 
+The MoE layer's MLP router (model.moe.router="mlp", RMoE Tab. 1's SMoE-MLP) is the mlp arch with
+an explicit hidden width m (`hidden`).
+
 RMoE's layerwise recurrent MoE router (Qiu et al. 2024 §3.2, Eq. 4-6; docs/methods/
 rrt_coe_rmoe_rexmoe.md §3.1): RecurrentRouter of MoE layer i, one GRUCell shared by all layers.
 """
@@ -32,12 +35,13 @@ class Router(nnx.Module):
   """`num` stacked router networks from width d to `out` float32 logits.
 
   `lr_mult` m stores W / m and applies m W, so Adam moves W m times faster: the auxiliary router's
-  10x learning rate (§2.3) without a second optimizer.
+  10x learning rate (§2.3) without a second optimizer. `hidden` replaces the MLP archs' hidden
+  width HIDDEN[arch] d.
   """
 
   def __init__(self, num: int, d: int, out: int, arch: str, *, std: float, param_dtype,
-               rngs: nnx.Rngs, lr_mult: float = 1.0):
-    hidden = HIDDEN[arch] * d
+               rngs: nnx.Rngs, lr_mult: float = 1.0, hidden: int | None = None):
+    hidden = HIDDEN[arch] * d if hidden is None or not HIDDEN[arch] else hidden
     init = nnx.with_partitioning(nnx.initializers.normal(std / lr_mult), (None, "embed", None))
     self.w1 = nnx.Param(init(rngs.params(), (num, d, hidden or out), param_dtype))
     init2 = nnx.with_partitioning(nnx.initializers.normal(std / lr_mult), (None, None, None))
