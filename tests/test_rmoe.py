@@ -2,9 +2,10 @@
 the model against a plain Python loop over layers with a GRU written out gate by gate (values and
 gradients, dense and ragged), the carry between layers and across the depths of a tied core, the
 detach / stateless (NP) ablations (spec §3.5 checks 2-3), parameter and FLOP counts (§3.2), the
-linear default unchanged and config errors.
+linear default unchanged and config errors; and Table 1's MLP router (SMoE-MLP): its equation,
+shapes and gradients, CoE / ReXMoE stacking, a train step, parameter and FLOP counts.
 
-Tiny shapes: d=32, 3 MoE layers, 4 experts of width 16, p=8, T=8.
+Tiny shapes: d=32, 3 MoE layers, 4 experts of width 16, p=8, MLP width M=12, T=8.
 """
 
 import re
@@ -20,9 +21,10 @@ from research.model import moe, recursion
 from research.model.layers import NO_CARRY, Carry, Tokens
 from research.model.lm import LanguageModel
 from research.train import flops
+from tests import model_util
 from tests.model_util import assert_decodes_like_forward, tiny_config
 
-E, F, P, T = 4, 16, 8, 8
+E, F, P, T, M = 4, 16, 8, 8, 12
 TOKENS = (jnp.arange(2 * T).reshape(2, T) * 7) % 64
 
 
@@ -218,16 +220,94 @@ def test_the_recurrent_router_decodes_like_the_full_forward():
 
 
 @pytest.mark.parametrize("moe_keys, key", [
-    (dict(router="mlp"), "model.moe.router"),
+    (dict(router="lstm"), "model.moe.router"),
     (dict(router="gru", gru_dim=0), "model.moe.gru_dim"),
     (dict(router="gru", gru_recurrence="truncated"), "model.moe.gru_recurrence"),
+    (dict(router="mlp", router_mlp_dim=0), "model.moe.router_mlp_dim"),
+    (dict(router="mlp", router_mlp_dim=-2), "model.moe.router_mlp_dim"),
+    (dict(router="mlp", gru_dim=0), "model.moe.gru_dim"),  # the default width 2 p
 ])
 def test_config_errors_name_the_key(moe_keys, key):
-  with pytest.raises(config_lib.ConfigError, match=re.escape(key)):
+  with pytest.raises(config_lib.ConfigError, match=re.escape(f"config.{key}=")) as e:
     tiny_config(moe=dict(dict(num_experts=E, top_k=2), **moe_keys))
+  assert "\n" not in str(e.value)  # one `error:` line from the launcher
 
 
 def test_chain_of_experts_with_the_recurrent_router_is_refused():
   """CoE iterations with RMoE's GRU router are not implemented: validation names both keys."""
   with pytest.raises(config_lib.ConfigError, match=r"model\.moe\.router.*model\.moe\.iterations"):
     tiny_config(moe=dict(num_experts=E, top_k=2, router="gru", iterations=2))
+
+
+def mlp_config(**moe_keys):
+  keys = dict(dict(num_experts=E, top_k=2, d_ff=F, router="mlp", router_mlp_dim=M), **moe_keys)
+  return tiny_config(num_layers=3, moe=keys)
+
+
+def test_mlp_router_is_gelu_of_x_w1_times_w2_with_its_shapes_and_gradients():
+  """logits = GELU(x W1) W2 in float32, W1 [D, M], W2 [M, E] per MoE layer, no biases; every
+  router weight gets a gradient through the model's loss."""
+  mdl = build(mlp_config())
+  router = mdl.core.blocks[1].ffn.router
+  assert router.w1.shape == (1, 32, M) and router.w2.shape == (1, M, E)
+  x_BTD = jax.random.normal(jax.random.key(0), (2, T, 32)).astype(jnp.bfloat16)
+  logits_BTE = router(x_BTD, 0)
+  x32 = x_BTD.astype(jnp.float32)
+  by_hand = jax.nn.gelu(x32 @ router.w1[...][0], approximate=False) @ router.w2[...][0]
+  assert logits_BTE.dtype == jnp.float32 and logits_BTE.shape == (2, T, E)
+  np.testing.assert_allclose(logits_BTE, by_hand, atol=1e-6)
+  graphdef, state = nnx.split(mdl)
+  grads = jax.grad(lambda s: jnp.sum(jnp.sin(nnx.merge(graphdef, s)(TOKENS)[0])))(state)
+  for block in grads["core"]["blocks"].values():
+    w1, w2 = block["ffn"]["router"]["w1"][...], block["ffn"]["router"]["w2"][...]
+    assert w1.shape == (1, 32, M) and w2.shape == (1, M, E)
+    assert np.abs(w1).max() > 0 and np.abs(w2).max() > 0
+  default = build(mlp_config(router_mlp_dim=-1, gru_dim=5))  # -1: 2 gru_dim
+  assert default.core.blocks[0].ffn.router.w1.shape == (1, 32, 10)
+
+
+def test_mlp_router_stacks_per_coe_iteration_and_scores_a_rexmoe_group():
+  coe = build(mlp_config(iterations=2, coe_residual="inner_outer")).core.blocks[0].ffn.router
+  assert coe.w1.shape == (2, 32, M) and coe.w2.shape == (2, M, E)
+  shared = build(mlp_config(iterations=2, coe_shared_router=True)).core.blocks[0].ffn.router
+  assert shared.w1.shape == (1, 32, M)
+  rex = build(tiny_config(num_layers=2, moe=dict(num_experts=E, top_k=2, d_ff=F, router="mlp",
+                                                 router_mlp_dim=M, rex_group=2)))
+  assert rex.core.blocks[1].ffn.router.w2.shape == (1, M, 2 * E)
+  for cfg in (mlp_config(iterations=2), mlp_config(iterations=2, coe_shared_router=True)):
+    mdl = build(cfg)
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(mdl, nnx.Param)))
+    emb = cfg.model.vocab_size * cfg.model.d_model * (1 if cfg.model.tie_embeddings else 2)
+    assert n == recursion.non_embedding_params(cfg.model) + emb
+
+
+def test_moe_with_the_mlp_router_trains_a_step():
+  cfg = mlp_config()
+  state, train_step = model_util.train_setup(cfg, 2)
+  before = state["params"]["core"]["blocks"][0]["ffn"]["router"]["w1"][...]
+  state, _, losses = model_util.fit(state, train_step, model_util.random_batch(), 2)
+  assert all(np.isfinite(losses)) and int(state["step"]) == 2
+  after = state["params"]["core"]["blocks"][0]["ffn"]["router"]["w1"][...]
+  assert np.abs(np.asarray(after - before)).max() > 0
+
+
+def test_mlp_router_parameter_and_flop_counts():
+  """d M + M E per MoE layer instead of d E; the paper's enwik8 SMoE-MLP (8 layers, h 352, E 16)
+  has 0.75M router parameters, which m = 2 p = 256 gives: 8 (352 256 + 256 16) = 753,664."""
+  cfg = mlp_config()
+  mdl = build(cfg)
+  linear = build(tiny_config(num_layers=3, moe=dict(num_experts=E, top_k=2, d_ff=F)))
+  count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  assert count(mdl) - count(linear) == 3 * (32 * M + M * E - 32 * E)
+  m = tiny_config(moe=dict(num_experts=16, router="mlp", gru_dim=128)).model
+  m.d_model = 352
+  assert 8 * moe.router_params(m) + moe.shared_router_params(m) == 753_664
+  m.moe.router_mlp_dim = 100
+  assert moe.router_params(m) == 352 * 100 + 100 * 16
+  lin_m = tiny_config(num_layers=3, moe=dict(num_experts=E, top_k=2, d_ff=F)).model
+  extra = 2.0 * (32 * M + M * E - 32 * E)
+  assert flops.ffn_flops(cfg.model, True) - flops.ffn_flops(lin_m, True) == extra
+  diff = flops.paper_flops_per_token(cfg.model, T) - flops.paper_flops_per_token(lin_m, T)
+  assert diff == 3 * extra
+  coe = mlp_config(iterations=2).model
+  assert moe.router_params(coe) == 2 * (32 * M + M * E)
