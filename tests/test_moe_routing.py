@@ -125,6 +125,11 @@ def test_psr_pool_sizes_follow_eq6():
                                 [8, 8, 10, 12, 16, 16])
   c.psr = False
   np.testing.assert_array_equal(moe_routing.psr_pool_sizes(c, np.array([0, 50])), [16, 16])
+  c = mlc.ConfigDict(dict(num_experts=8, rex_group=1, psr=True, psr_start=10, psr_end=30,
+                          psr_start_experts=4, psr_schedule="linear"))  # the R1 control
+  np.testing.assert_array_equal(moe_routing.psr_pool_sizes(c, np.array([0, 20, 30])), [4, 6, 8])
+  c.update(rex_group=2, psr_start_experts=-1, psr_schedule="stepwise")
+  np.testing.assert_array_equal(moe_routing.psr_pool_sizes(c, np.array([9, 10, 30])), [8, 16, 16])
 
 
 def test_top_expert_html_shades_by_expert():

@@ -46,4 +46,14 @@ def test_cells_set_what_the_tables_vary():
   assert r2.model.moe.psr and (r2.model.moe.psr_start, r2.model.moe.psr_end) == (
       steps // 5, 3 * steps // 5)
   assert not rex["r2_no_psr_s0"].model.moe.psr
+  assert rmoe["mlp_s1"].model.moe.router == "mlp" and len(rmoe) == 2 * 5
+  assert len(rex) == 2 * (2 + 3 * 2)  # r1, r1_psr_linear; R2, R4 x (linear, stepwise, no PSR)
+  for name, (r, schedule, first) in {"r1_psr_linear_s0": (1, "linear", 4),
+                                     "r2_psr_stepwise_s1": (2, "stepwise", -1),
+                                     "r4_psr_stepwise_s0": (4, "stepwise", -1)}.items():
+    c = rex[name].model.moe
+    steps = loop.total_steps(rex[name])
+    assert c.psr and (c.rex_group, c.psr_schedule, c.psr_start_experts) == (r, schedule, first)
+    assert (c.psr_start, c.psr_end) == (steps // 5, 3 * steps // 5)
+  assert rex["r2_psr_linear_s0"].model.moe.psr_schedule == "linear"
   assert 8 in {int(c.name[1]) for c in moe_rexmoe.get_sweep("small") if c.name[1].isdigit()}

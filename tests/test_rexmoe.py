@@ -2,7 +2,8 @@
 §4): a layer selects a neighbour's expert and uses that very parameter (gradients of both layers
 add up in one tensor), r = 1 is the plain MoE, PSR before t_s is the plain MoE with the local
 router block (§4.6 check 2), the PSR schedule against Eq. 6 by hand (check 4), groups (check 4),
-parameter and FLOP counts (check 5), the step counter and config errors.
+parameter and FLOP counts (check 5), the step counter and config errors; PSR-Stepwise (Tab. 5),
+PSR from N_0 != N and on a plain MoE (R1, the control run).
 
 Tiny shapes: d=32, 4 MoE layers in groups of r=2, 4 experts each of width 16, T=8.
 """
@@ -98,7 +99,7 @@ def test_a_layer_uses_its_neighbours_expert_itself(model):
 
 def test_group_of_one_is_the_plain_moe():
   plain = build(tiny_config(num_layers=2, moe=dict(num_experts=E, top_k=2, d_ff=F)))
-  r1 = build(rex_config(num_layers=2, rex_group=1, psr=True, psr_start=5, psr_end=10))
+  r1 = build(rex_config(num_layers=2, rex_group=1))
   flat = lambda m: nnx.to_flat_state(nnx.state(m, nnx.Param))
   for (p1, a), (p2, b) in zip(flat(plain), flat(r1), strict=True):
     assert p1 == p2
@@ -215,10 +216,19 @@ def test_active_flops_equal_the_plain_moe_but_the_router():
     (dict(rex_group=3), "model.moe.rex_group"),
     (dict(psr=True, psr_start=-1), "model.moe.psr_start"),
     (dict(psr=True, psr_start=5, psr_end=5), "model.moe.psr_end"),
+    (dict(psr=True, psr_schedule="cubic"), "model.moe.psr_schedule"),
+    (dict(psr=True, psr_start_experts=1), "model.moe.psr_start_experts"),  # < top_k
+    (dict(psr=True, psr_start_experts=E + 1), "model.moe.psr_start_experts"),
+    (dict(psr=True, psr_start_experts=-2), "model.moe.psr_start_experts"),
+    (dict(rex_group=1, psr=True), "model.moe.psr"),  # R1 from N: nothing to grow
+    (dict(rex_group=1, psr=True, psr_start_experts=E), "model.moe.psr"),
+    (dict(rex_group=1, psr=True, psr_start_experts=2, psr_schedule="stepwise"),
+     "model.moe.psr_schedule"),
 ])
 def test_config_errors_name_the_key(moe_keys, key):
-  with pytest.raises(config_lib.ConfigError, match=re.escape(key)):
+  with pytest.raises(config_lib.ConfigError, match=re.escape(f"config.{key}=")) as e:
     rex_config(**moe_keys)
+  assert "\n" not in str(e.value)  # one `error:` line from the launcher
 
 
 def test_chain_of_experts_over_the_group_pool():
@@ -245,3 +255,105 @@ def test_chain_of_experts_over_the_group_pool():
   emb = cfg.model.vocab_size * cfg.model.d_model * (1 if cfg.model.tie_embeddings else 2)
   assert count(model) == recursion.non_embedding_params(cfg.model) + emb
   assert flops.ffn_flops(cfg.model, True) == 2 * flops.ffn_flops(rex_config().model, True)
+
+
+def test_psr_stepwise_reference_values():
+  """Tab. 5 / spec §4.2: N = 64, r = 4, t_s = 10k, t_e = 30k: 64, 128 from 10k, 192 from 20k,
+  256 from 30k; r = 2: one jump, at t_s."""
+  nt = lambda t, r: int(routing.psr_num_candidates(jnp.int32(t), 64, r, 10_000, 30_000,
+                                                  schedule="stepwise"))
+  steps = [0, 9_999, 10_000, 15_000, 19_999, 20_000, 29_999, 30_000, 50_000]
+  assert [nt(t, 4) for t in steps] == [64, 64, 128, 128, 128, 192, 192, 256, 256]
+  assert [nt(t, 2) for t in (0, 9_999, 10_000, 30_000, 50_000)] == [64, 64, 128, 128, 128]
+  for group, start, end in ((2, 3, 9), (3, 0, 7), (4, 3, 10), (5, 0, 7), (8, 1, 100)):
+    want = np.ceil(np.linspace(start, end, group - 1)).astype(int).tolist()
+    assert list(routing.psr_boundaries(group, start, end)) == want
+  traced = jax.jit(lambda t: routing.psr_num_candidates(t, 64, 4, 10_000, 30_000,
+                                                        schedule="stepwise"))
+  assert int(traced(jnp.int32(20_000))) == 192
+
+
+def test_psr_schedules_from_n0():
+  """N_0 != N: linear N_0 + floor((r N - N_0)(t - t_s) / (t_e - t_s)); stepwise N_0 +
+  round((r N - N_0) j / (r - 1)); R1 grows N_0 -> N."""
+  def nt(t, n, r, n0, schedule="linear"):
+    return int(routing.psr_num_candidates(jnp.int32(t), n, r, 10, 30, first=n0,
+                                          schedule=schedule))
+
+  steps = [0, 10, 11, 15, 20, 29, 30, 40]
+  assert [nt(t, 8, 2, 4) for t in steps] == [4, 4, 4, 7, 10, 15, 16, 16]
+  assert [nt(t, 8, 1, 4) for t in steps] == [4, 4, 4, 5, 6, 7, 8, 8]
+  assert [nt(t, 8, 2, 8) for t in steps] == [eq6(t, 8, 2, 10, 30) for t in steps]
+  assert [nt(t, 8, 4, 4, "stepwise") for t in (0, 10, 20, 30)] == [4, 13, 23, 32]  # 9.33, 18.67
+  assert [nt(t, 8, 2, 4, "stepwise") for t in (9, 10)] == [4, 16]
+
+
+def test_psr_mask_keeps_n_t_own_first_or_a_random_subset_of_own():
+  """num_kept >= N: all own and num_kept - N others, the same mask as before N_0 existed (own
+  scored -1, the others uniform); num_kept < N: a uniform num_kept-subset of the own experts."""
+  n, group, member = 4, 3, 1
+  own = np.arange(n * group) // n == member
+  subsets = set()
+  for seed in range(20):
+    key = jax.random.key(seed)
+    u = jax.random.uniform(key, (n * group,))
+    old = np.asarray(jnp.argsort(jnp.argsort(jnp.where(jnp.asarray(own), -1.0, u)))) < 7
+    keep = np.asarray(routing.psr_mask(key, jnp.int32(7), n, member, group))
+    np.testing.assert_array_equal(keep, old)
+    few = np.asarray(routing.psr_mask(key, jnp.int32(2), n, member, group))
+    assert few.sum() == 2 and not few[~own].any()
+    subsets.add(tuple(np.flatnonzero(few)))
+    r1 = np.asarray(routing.psr_mask(key, jnp.int32(3), 8, 0, 1))
+    assert r1.sum() == 3
+  assert len(subsets) > 2  # drawn, not the first experts
+
+
+def r1_psr_config(**keys):
+  return rex_config(num_layers=2, **dict(dict(rex_group=1, psr=True, psr_start_experts=2,
+                                              psr_start=3, psr_end=9), **keys))
+
+
+def test_r1_psr_reaches_the_plain_moe_at_t_e_and_masks_before():
+  """PSR on a plain MoE from N_0 = 2 to E = 4 over steps 3..9: the step reaches the layers
+  through the carry; from t_e every expert is routable and the model is the plain MoE bit for
+  bit; before, each layer keeps N_t of its own experts and the outputs differ."""
+  r1 = build(r1_psr_config())
+  plain = build(tiny_config(num_layers=2, moe=dict(num_experts=E, top_k=2, d_ff=F)))
+  flat = lambda m: nnx.to_flat_state(nnx.state(m, nnx.Param))
+  for (p1, a), (p2, b) in zip(flat(plain), flat(r1), strict=True):
+    assert p1 == p2
+    np.testing.assert_array_equal(a[...], b[...])
+  assert r1.step_counter is not None
+  want = plain(TOKENS)[0]
+  for t in (9, 20):
+    r1.step_counter[...] = t
+    np.testing.assert_array_equal(r1(TOKENS)[0], want)
+  x_BTD = jax.random.normal(jax.random.key(0), (2, T, 32))
+  masks = []
+  for t, kept in ((0, 2), (3, 2), (6, 3), (8, 3)):
+    r1.step_counter[...] = t
+    assert np.abs(np.asarray(r1(TOKENS)[0] - want)).max() > 1e-5
+    for block in r1.core.blocks:
+      keep = np.asarray(block.ffn.psr_mask(jnp.int32(t)))
+      masks.append(tuple(keep))
+      assert keep.shape == (E,) and keep.sum() == kept
+      r = block.ffn.route(x_BTD, jnp.ones((2, T), bool), keep_E=jnp.asarray(keep))
+      assert keep[np.asarray(r.experts)].all()
+  assert len(set(masks)) > 1  # drawn per step and layer
+  _, aux, _ = r1(TOKENS)
+  other = step.with_updates(nnx.split(r1, nnx.Param, ...)[2], aux)
+  assert int(other["step_counter"][...]) == 9  # counter at 8, +1
+
+
+def test_rexmoe_psr_stepwise_and_from_fewer_than_n_in_the_model():
+  """R2 stepwise with t_s = 3, t_e = 9: E candidates before 3, 2 E from 3 (one boundary); R2
+  linear from N_0 = 2: a random pair of the layer's own experts at step 0."""
+  ffn = build(rex_config(psr=True, psr_start=3, psr_end=9, psr_schedule="stepwise")).core.blocks[1]
+  own = np.arange(R * E) // E == 1
+  for t, kept in ((0, E), (2, E), (3, 2 * E), (8, 2 * E)):
+    keep = np.asarray(ffn.ffn.psr_mask(jnp.int32(t)))
+    assert keep.sum() == kept and keep[own].all()
+  ffn = build(rex_config(psr=True, psr_start=3, psr_end=9, psr_start_experts=2)).core.blocks[1]
+  keep = np.asarray(ffn.ffn.psr_mask(jnp.int32(0)))
+  assert keep.sum() == 2 and not keep[~own].any()
+  assert np.asarray(ffn.ffn.psr_mask(jnp.int32(9))).all()
