@@ -23,6 +23,9 @@ def tiny_config(**model) -> mlc.ConfigDict:
                            compute_dtype="float32"), **model))
   c.data.seq_len = 16
   c.train.update(batch_size=4, steps=10, grad_accum=1)
+  # exact token choice: 2 step sizes, not the default 8 (each one a compiled branch; 8 make a
+  # token-choice train step compile 7x longer). tests/test_mor.py checks 4 and 1.
+  c.model.mor.token.exact_buckets = 2
   config_lib.validate(c)
   return config_lib.with_derived(c, 64)
 

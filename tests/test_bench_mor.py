@@ -15,7 +15,8 @@ from research.model import mor as mor_lib
 from research.train import flops
 
 T, STEPS = 32, 2
-SETS = ["model.d_model=32", "model.d_ff=64"]
+# exact_buckets 2 (not the default 8): the token-choice step compiles 2 branches, not 8
+SETS = ["model.d_model=32", "model.d_ff=64", "model.mor.token.exact_buckets=2"]
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,7 @@ def experiment_configs():
                   ("mor", mor_configs.get_config("tiny,expert")),
                   ("mor_token", mor_configs.get_config("tiny,token")), ("mor_share", share)):
     c.data.seq_len, c.model.d_model, c.model.d_ff = T, 32, 64
+    c.model.mor.token.exact_buckets = 2
     config_lib.validate(c)
     out[name] = config_lib.with_derived(c, c.data.bpe_vocab_size).model
   return out
@@ -90,7 +92,7 @@ def test_analytic_ratios_are_flops_py_for_the_experiment_configs(result):
   assert needed[0] == pytest.approx(T) and ran[0] == T
   assert all(n <= k for n, k in zip(needed, ran, strict=True))
   buckets = by_name["mor_token"]["exact_buckets"]
-  assert buckets == 8 and set(ran) <= set(mor_lib.exact_sizes(T, buckets))
+  assert buckets == 2 and set(ran) <= set(mor_lib.exact_sizes(T, buckets))
   assert by_name["mor_token"]["ratio"]["recursive"]["exact"] < 1
 
 
