@@ -6,12 +6,6 @@ import os
 # (SVD, eigh) then stalls: 14 s instead of 0.5 s for the factorisations of one SmolLM2 layer.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from tests.launch_util import TEST_XLA_FLAGS
-
-# Before jax loads: compile the tests' tiny programs fast (tests/launch_util.py TEST_XLA_FLAGS).
-if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
-
 import jax
 import pytest
 from flax import nnx

@@ -18,18 +18,6 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The suite's programs are tiny, so compiling them costs far more than running them: the tests
-# (in process and in their subprocesses, all but the README-command test) compile with the XLA
-# CPU backend's LLVM optimisation off, which roughly halves compile times. Only the generated
-# code's speed changes; the HLO passes, and so the numerics checked here, are the same.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
-
-
-def xla_flags(devices: int | None = None) -> str:
-  """XLA_FLAGS for a test process: TEST_XLA_FLAGS, on `devices` host CPU devices if given."""
-  count = [] if devices is None else [f"--xla_force_host_platform_device_count={devices}"]
-  return " ".join([TEST_XLA_FLAGS, *count])
-
 # A model that compiles in seconds and steps in milliseconds on a 2-core CPU.
 TINY = {
     "model.d_model": 32, "model.num_layers": 2, "model.num_heads": 2, "model.num_kv_heads": 1,
@@ -69,7 +57,7 @@ class Launcher:
     env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=os.path.join(self.shared_dir, "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    env["XLA_FLAGS"] = xla_flags()  # one CPU device, whatever the calling test set up
+    env.pop("XLA_FLAGS", None)  # one CPU device, whatever the calling test set up
     for key, value in (extra or {}).items():
       if value is None:
         env.pop(key, None)

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 
 from research.train import mesh as mesh_lib
-from tests.launch_util import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 PROCESSES, LOCAL_DEVICES = 2, 2
@@ -40,7 +39,7 @@ TIMEOUT = 240  # seconds per subprocess; a stuck collective fails the test inste
 
 def env(devices: int) -> dict:
   return dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-              XLA_FLAGS=xla_flags(devices))
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
 def free_port() -> int:

@@ -20,7 +20,6 @@ import pytest
 
 from research import config as config_lib
 from research.model import expert_parallel
-from tests.launch_util import xla_flags
 from tests.model_util import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +42,7 @@ TOL = 1e-5
 
 def python(args: list[str], *, devices: int, timeout: float) -> subprocess.CompletedProcess:
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-             XLA_FLAGS=xla_flags(devices))
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=timeout)
 

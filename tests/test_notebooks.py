@@ -66,8 +66,7 @@ def test_notebook_runs_with_nbconvert_from_the_repository_root(name, request, ve
   workdir = request.getfixturevalue("moe_workdir" if name == "moe_routing.ipynb" else
                                     "mor_workdir")
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
-  env.update(WORKDIR=os.path.relpath(workdir, ROOT), MPLBACKEND="Agg", JAX_PLATFORMS="cpu",
-             XLA_FLAGS=launch_util.xla_flags())
+  env.update(WORKDIR=os.path.relpath(workdir, ROOT), MPLBACKEND="Agg", JAX_PLATFORMS="cpu")
   # `jupyter nbconvert` run by the venv's python, so that the kernel is the venv's python too
   r = subprocess.run([venv_python, "-m", "nbconvert", "--to", "notebook", "--execute",
                       f"notebooks/{name}", "--output-dir", str(tmp_path),

@@ -18,7 +18,6 @@ import pytest
 
 from research.config import ConfigError
 from research.train import mesh as mesh_lib
-from tests.launch_util import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -37,7 +36,7 @@ LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
 def python(args: list[str], *, devices: int, timeout: float) -> subprocess.CompletedProcess:
   """Runs `python args` from the repo root on `devices` simulated CPU devices."""
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-             XLA_FLAGS=xla_flags(devices))
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=timeout)
 
