@@ -5,7 +5,9 @@
 
 Models, all of one unrolled depth L (`--layers`; L - 2 must divide by each Nr): vanilla (L untied
 layers) and middle-cycle MoR-2/3/4 (expert choice, recursion-wise KV caching), MoR-3 with KV
-sharing, and a middle-cycle recursive model with early exits. Each is trained for `--train_steps`
+sharing, and a cycle recursive model (Nr = 2, as RRT's default B = 2) trained with one exit per
+loop (train.exit_loss aggressive) and served with confidence exits at `--exit_threshold`
+(research/model/early_exit.py). Each is trained for `--train_steps`
 on the embedded corpus by the real training loop (research/train/loop.py, into
 `--train_dir/<model>`, which a rerun resumes, so a second run reuses the checkpoints) or loaded
 from `--workdir=<model>=DIR`; its routers then make the decisions they learned (decoding routes
@@ -17,7 +19,8 @@ uniform in [prompt_min, prompt_max]) with generation budgets drawn from a normal
 model generates the same tokens count. Batch settings: B = 32 slots, and B = max, the largest slot
 count whose KV cache (every buffer of the engine's cache, bytes from its shapes) fits the bytes
 of vanilla's cache at B = 32 (the paper's "relative max"). MoR expert choice with kv=cache is
-served by the depth-wise engine (engine.DepthwiseEngine); a model it refuses is served by the
+and the early-exit model are served by the depth-wise engine (engine.DepthwiseEngine); a model it
+refuses is served by the
 sequence-wise engine only where that still batches it honestly (the `engine` column says which),
 and a model no engine serves as its method needs is listed as not served, with the reason.
 
@@ -68,7 +71,7 @@ MODELS = {
     "mor3": ("expert", 3, "cache", False),
     "mor4": ("expert", 4, "cache", False),
     "mor3_share": ("expert", 3, "share", False),
-    "recursive_exit": ("none", 3, "cache", True),
+    "recursive_exit": ("none", 2, "cache", True),  # cycle, confidence exits
 }
 
 FULL = dict(layers=14, train_steps=100, requests=128, rounds=2, prompt_min=16, prompt_max=32,
@@ -96,6 +99,8 @@ flags.DEFINE_integer("batch", 32, "The fixed batch setting B (slots).", flag_val
 flags.DEFINE_integer("seed", 0, "Seed of the request set.", flag_values=FLAGS)
 flags.DEFINE_multi_string("set", [], "dotted.key=value applied to every model's config.",
                           flag_values=FLAGS)
+flags.DEFINE_float("exit_threshold", 0.5, "recursive_exit: a token stops after a loop whose exit "
+                   "puts at least this softmax probability on one token.", flag_values=FLAGS)
 flags.DEFINE_string("json", "", "Also write the result to this JSON file.", flag_values=FLAGS)
 
 
@@ -130,9 +135,11 @@ class Settings:
 
 
 def make_config(name: str, layers: int, train_steps: int, cache_dir: str,
-                overrides: dict[str, Any] | None = None) -> mlc.ConfigDict:
+                overrides: dict[str, Any] | None = None, exit_threshold: float = 0.5
+                ) -> mlc.ConfigDict:
   """The tiny-shaped config of bench model `name` at unrolled depth `layers`, trained for
-  `train_steps` (batch 16 x 128, evaluation only at the end, one checkpoint), validated."""
+  `train_steps` (batch 16 x 128, evaluation only at the end, one checkpoint), validated; the
+  early-exit model decodes with `exit_threshold`."""
   kind, nr, kv, early_exit = MODELS[name]
   c = vanilla_configs.get_config("tiny")
   c.model.num_layers = layers
@@ -140,7 +147,8 @@ def make_config(name: str, layers: int, train_steps: int, cache_dir: str,
     mor_configs.set_design(c, kind, nr)
     c.model.mor.kv = kv
   if early_exit:
-    c.model.recursion.early_exit = True
+    c.model.recursion.strategy = "cycle"
+    c.model.recursion.early_exit, c.model.recursion.exit_threshold = True, exit_threshold
     c.train.exit_loss = "aggressive"
   c.train.steps, c.train.eval_every, c.train.eval_batches = train_steps, 0, 2
   c.train.log_every, c.train.progress = max(train_steps, 1), False
@@ -159,6 +167,8 @@ def make_config(name: str, layers: int, train_steps: int, cache_dir: str,
 def depth_problem(name: str, layers: int) -> str | None:
   """Why model `name` cannot be built at unrolled depth `layers` (None: it can)."""
   nr = MODELS[name][1]
+  if MODELS[name][3]:  # cycle: every layer shared
+    return f"num_layers={layers}: not a multiple of Nr = {nr}" if layers % nr else None
   if nr > 1 and ((layers - 2) < nr or (layers - 2) % nr):
     return f"num_layers={layers}: L - 2 = {layers - 2} is not a multiple of Nr = {nr}"
   return None
@@ -167,12 +177,16 @@ def depth_problem(name: str, layers: int) -> str | None:
 def train_or_load(name: str, cfg: mlc.ConfigDict, workdir: str, trained: bool
                   ) -> routing_analysis.LoadedRun:
   """The model of `workdir`: trained there by the training loop first unless `trained` (a
-  finished run resumes at its last step and only evaluates)."""
+  finished run resumes at its last step and only evaluates); an early-exit model with cfg's
+  exit threshold."""
   if not trained:
     t0 = time.perf_counter()
     result = loop.train(cfg, workdir)
     print(f"{name}: trained {result['step']} steps in {time.perf_counter() - t0:.0f} s, "
           f"validation nll {result['nll']:.4f} ({workdir})", flush=True)
+  if MODELS[name][3]:
+    tau = cfg.model.recursion.exit_threshold
+    return routing_analysis.load_run(workdir, {"recursion.exit_threshold": tau})
   return routing_analysis.load_run(workdir)
 
 
@@ -261,10 +275,6 @@ def kv_layers_used(model, mean_depth: float) -> float:
 def serve_plan(name: str, model, s: Settings) -> tuple[str, str]:
   """(engine kind, note) for model `name`: "depthwise" (compacted step pools), "sequence", or
   "not served" with the reason when no engine serves it as its method needs."""
-  if MODELS[name][3]:
-    return ("not served", "early exit: the engine decodes every loop (no confidence-threshold "
-            "exit in decode.generate or the engines), so serving it would time the plain "
-            "recursive model")
   if model.core.rule is None:
     return "sequence", ""
   try:
@@ -301,7 +311,7 @@ def settings_from_flags() -> Settings:
 
 def benchmark(s: Settings, names: Sequence[str], workdirs: dict[str, str], train_dir: str,
               batch: int = 32, seed: int = 0, overrides: dict[str, Any] | None = None,
-              out: Callable[[str], Any] = print) -> dict[str, Any]:
+              out: Callable[[str], Any] = print, exit_threshold: float = 0.5) -> dict[str, Any]:
   """Trains or loads the models, builds their engines at B = batch and B = max, times them
   round-robin; returns the result (rows as in the module docstring, plus the skipped models)."""
   names = ["vanilla", *[n for n in names if n != "vanilla"]]
@@ -312,7 +322,7 @@ def benchmark(s: Settings, names: Sequence[str], workdirs: dict[str, str], train
     if problem:
       skipped.append({"model": name, "reason": problem})
       continue
-    cfg = make_config(name, s.layers, s.train_steps, cache_dir, overrides)
+    cfg = make_config(name, s.layers, s.train_steps, cache_dir, overrides, exit_threshold)
     workdir = workdirs.get(name, os.path.join(train_dir, name))
     loaded[name] = train_or_load(name, cfg, workdir, trained=name in workdirs)
   van = loaded["vanilla"]
@@ -431,7 +441,7 @@ def main(argv: list[str], out: Callable[[str], Any] = print) -> None:
   s = settings_from_flags()
   with tempfile.TemporaryDirectory() as tmp:
     result = benchmark(s, FLAGS.models, workdirs, FLAGS.train_dir or tmp, FLAGS.batch,
-                       FLAGS.seed, parse_overrides(FLAGS.set), out)
+                       FLAGS.seed, parse_overrides(FLAGS.set), out, FLAGS.exit_threshold)
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:
       json.dump(result, f, indent=1)

@@ -49,6 +49,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.recursion.lora_init = "svd"  # with init_from: svd (of the residuals) | standard (B = 0)
   c.model.recursion.lora_merged = False  # per-loop LoRAs as one gated rank-Nr*r LoRA (cycle plans)
   c.model.recursion.early_exit = False  # an exit (final norm + head) after every loop (cycle plans)
+  # decoding with early_exit: a token stops after a loop whose exit's max softmax prob >= this
+  # (RRT §2.4 confidence exit; 0: every loop runs; training reads every exit, never routes)
+  c.model.recursion.exit_threshold = 0.0
   c.model.recursion.stretch_init = False  # init_from: keep num_layers, spread the pretrained layers
 
   # Mixture-of-Recursions (docs/methods/mor.md, docs/mor.md): routers pick each token's number of
@@ -183,6 +186,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.generate.slots = 8  # prompts_file: requests decoded at once (cache rows of the engine)
   c.generate.max_len = 256  # prompts_file: cache entries per slot (prompt + num_tokens must fit)
   c.generate.engine = "sequence"  # prompts_file: sequence (any model) | depthwise (MoR, expert)
+  # recursive models trained with early_exit: serve with this confidence threshold (RRT §2.4;
+  # -1: the run's model.recursion.exit_threshold, 0: every loop)
+  c.generate.exit_threshold = -1.0
   c.generate.block_rows = 0  # engine=depthwise: rows of the shared-block batch per step (0: slots)
 
   c.wandb = mlc.ConfigDict()

@@ -83,6 +83,15 @@ def validate_model(cfg: mlc.ConfigDict) -> None:
            "num_recursions >= 2")
     _check(m.mor.kind == "none", "model.recursion.early_exit", True,
            "MoR routes tokens to their depth itself; use config.model.mor.kind='none'")
+  tau = m.recursion.exit_threshold
+  _check(0 <= tau <= 1, "model.recursion.exit_threshold", tau,
+         "must be in [0, 1] (a max softmax probability; 0: no early exit)")
+  if tau > 0:
+    _check(m.recursion.early_exit, "model.recursion.exit_threshold", tau,
+           "exits by the per-loop heads: needs config.model.recursion.early_exit=True")
+    _check(m.recursion.strategy == "cycle", "model.recursion.exit_threshold", tau,
+           "an exited token skips the later loops and goes to the head: needs "
+           "config.model.recursion.strategy='cycle' (no coda layer to skip)")
   _one_of(cfg, "model.recursion.init", RECURSIVE_INITS)
   _one_of(cfg, "model.recursion.lora_init", LORA_INITS)
   if m.init_from:

@@ -53,6 +53,9 @@ CORES = {
     "rmoe": (3, {}, {}, GRU),
     "coe_inner": (3, {}, {}, dict(MOE, iterations=2, coe_residual="inner")),
     "rexmoe_psr": (4, {}, {}, dict(MOE, rex_group=2, psr=True, psr_start=0, psr_end=4)),
+    # confidence exits (early_exit.py), tau among this model's exit confidences (~1/36, vocab 64)
+    "cycle_early_exit_lora": (3, dict(strategy="cycle", num_recursions=3, lora_rank=4,
+                                      early_exit=True, exit_threshold=0.0284), {}, {}),
 }
 FULL_ROW = {"token_capacity"}  # cores decoded into a cache of exactly T entries
 

@@ -32,7 +32,15 @@ MODELS = {
     "expert_share": (5, MC3, dict(THRESHOLD, kv="share"), {}, 4, 1),
     "token": (5, MC3, {"kind": "token"}, {}, 3, 3),
     "moe": (2, {}, {}, MOE, 2, 1),
+    # a recursive model served with confidence exits (early_exit.py), relaxed: its LoRAs and
+    # untied norms random (build), so the depth-wise engine's merged LoRAs are really exercised;
+    # tau sits among this model's loop-1 exit confidences (tests check that tokens exit at
+    # every loop). Depth-wise only: the sequence-wise engine is the model's forward with a
+    # cache, held to the full forward for this core in test_decode.py.
+    "exit_relaxed": (3, dict(strategy="cycle", num_recursions=3, lora_rank=4, share_norms=False,
+                             early_exit=True, exit_threshold=0.0198), {}, {}, 3, 2),
 }
+SEQUENCE_WISE = [n for n in MODELS if n != "exit_relaxed"]
 LENGTHS = (3, 6, 11, 3, 6, 11, 3)  # prompt length of request i: buckets 8, 8 and 16
 BUDGETS = (8, 5, 8, 1, 8, 3, 7)
 
@@ -46,8 +54,17 @@ def build(name: str) -> LanguageModel:
   cfg.model.tie_embeddings = False  # tied, a random tiny model greedily repeats its last token
   with nnx.use_eager_sharding(False):
     model = LanguageModel(cfg.model, rngs=nnx.Rngs(0))
-  if model.core.router is not None:
-    model.core.router.w1[...] = 40 * model.core.router.w1[...]
+  core = model.core
+  if core.router is not None:
+    core.router.w1[...] = 40 * core.router.w1[...]
+  keys = iter(jax.random.split(jax.random.key(7), 32))
+  if core.lora is not None:  # B = 0 at init: make the per-depth LoRAs differ
+    for n in core.lora.names:
+      b = getattr(core.lora, f"{n}_b")
+      b[...] = 0.3 * jax.random.normal(next(keys), b.shape, b.dtype)
+  if core.attn_norms is not None:
+    for norms in (core.attn_norms, core.ffn_norms):
+      norms[...] = 1 + 0.2 * jax.random.normal(next(keys), norms.shape, norms.dtype)
   return model
 
 
@@ -101,7 +118,7 @@ def expected(req: engine_lib.Request, ref: list[int]) -> list[int]:
   return out[:out.index(req.eos) + 1] if req.eos in out else out
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", SEQUENCE_WISE)
 def test_greedy_output_equals_generate_alone_under_any_arrival_order(name):
   eng, reqs, ref = engine(name), requests(name), references(name)
   for order in (range(len(reqs)), [6, 2, 4, 0, 5, 1, 3]):
@@ -204,15 +221,19 @@ def test_requests_that_do_not_fit_are_refused_naming_them():
   assert engine_lib.default_buckets(64) == (16, 32, 64)
 
 
+DEPTHWISE = ("expert_cache", "exit_relaxed")  # MoR expert choice; confidence exit, relaxed
+
+
 @functools.cache
-def depthwise() -> engine_lib.DepthwiseEngine:
-  """Depth-wise batching of the expert-choice model: 3 slots, the shared block on 2 rows."""
-  return engine_lib.DepthwiseEngine(build("expert_cache"), slots=3, max_len=MAX_LEN,
+def depthwise(name: str = "expert_cache") -> engine_lib.DepthwiseEngine:
+  """Depth-wise batching of `name`: 3 slots, the shared block on 2 rows."""
+  return engine_lib.DepthwiseEngine(build(name), slots=3, max_len=MAX_LEN,
                                     buckets=BUCKETS, prefill_batch=2, block_rows=2)
 
 
-def test_depthwise_greedy_output_equals_generate_alone_under_any_arrival_order():
-  eng, reqs, ref = depthwise(), requests("expert_cache"), references("expert_cache")
+@pytest.mark.parametrize("name", DEPTHWISE)
+def test_depthwise_greedy_output_equals_generate_alone_under_any_arrival_order(name):
+  eng, reqs, ref = depthwise(name), requests(name), references(name)
   for order in (range(len(reqs)), [6, 2, 4, 0, 5, 1, 3]):
     order = list(order)
     done = eng.serve([reqs[i] for i in order])
@@ -221,23 +242,29 @@ def test_depthwise_greedy_output_equals_generate_alone_under_any_arrival_order()
   assert dict(eng.traces) == {"step": 1, "prefill/8": 1, "prefill/16": 1}
 
 
-def test_depthwise_block_rows_are_the_routing_decisions():
+@pytest.mark.parametrize("name", DEPTHWISE)
+def test_depthwise_block_rows_are_the_routing_decisions(name):
   """The shared block ran exactly one row per (generated token fed back, recursion step it ran):
-  the sum of the depths decode.prefill records for those tokens; never more than 2 rows a step;
-  fewer than the sequence-wise engine's in-place rows x Nr. Each completion's mean depth equals
-  the sequence-wise engine's."""
-  model, eng, reqs = build("expert_cache"), depthwise(), requests("expert_cache")
+  the sum of the depths decode.prefill records for those tokens (the steps or loops each ran);
+  never more than 2 rows a step; fewer than the sequence-wise engine's in-place rows x Nr; the
+  fed tokens' depths span 1..Nr (the exit rule: every loop). For MoR each completion's mean
+  depth equals the sequence-wise engine's."""
+  model, eng, reqs = build(name), depthwise(name), requests(name)
   before = dict(eng.stats)
   done = eng.serve(reqs)
   rows = eng.stats["block_rows"] - before.get("block_rows", 0)
   steps = eng.stats["engine_steps"] - before.get("engine_steps", 0)
-  want = 0
+  want, depths = 0, []
   for c, r in zip(done, reqs, strict=True):
     seq = list(r.prompt) + c.tokens[:-1]
-    want += int(recorded_depths(model, seq)[len(r.prompt):].sum())
+    depths += recorded_depths(model, seq)[len(r.prompt):].tolist()
+  want = sum(depths)
   assert rows == want and rows <= 2 * steps
   fed = sum(len(c.tokens) - 1 for c in done)
   assert 0 < rows < 3 * fed
+  if name == "exit_relaxed":
+    assert {1, 3} <= set(depths)  # tokens exit after loop 1 and run every loop
+    return
   sequential = engine("expert_cache").serve(reqs)
   for c, s in zip(done, sequential, strict=True):
     assert c.tokens == s.tokens
@@ -257,6 +284,7 @@ def test_depthwise_sampling_equals_generate_with_the_requests_key():
 
 def test_depthwise_refuses_models_it_cannot_batch_across_depths_naming_the_key():
   for name, key in (("vanilla", "model.mor.kind"), ("token", "model.mor.kind"),
+                    ("relaxed", "model.mor.kind"),  # recursive without an exit threshold
                     ("expert_share", "model.mor.kv")):
     with pytest.raises(ValueError, match=rf"config\.{key}: must be"):
       engine_lib.DepthwiseEngine(build(name), slots=2, max_len=MAX_LEN)

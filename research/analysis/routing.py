@@ -70,9 +70,19 @@ class LoadedRun:
   step: int
 
 
-def load_run(workdir: str) -> LoadedRun:
-  """The newest readable checkpoint in <workdir>/checkpoints, built with the run's saved config."""
+def load_run(workdir: str, model_overrides: dict | None = None) -> LoadedRun:
+  """The newest readable checkpoint in <workdir>/checkpoints, built with the run's saved config
+  and `model_overrides` (dotted keys under config.model that change no parameter, e.g.
+  {"recursion.exit_threshold": 0.9}; checked like the config)."""
   cfg = saved_config(workdir)
+  for key, value in (model_overrides or {}).items():
+    section, name = key.rsplit(".", 1) if "." in key else ("", key)
+    target = cfg.model
+    for part in filter(None, section.split(".")):
+      target = target[part]
+    target[name] = value
+  if model_overrides:
+    config_lib.validate(cfg)
   cfg.checkpoint.restore_from = ""  # the run's own checkpoints, not the one it started from
   run = loop.setup(cfg, workdir)
   mngr = checkpoint.open_manager(os.path.join(workdir, "checkpoints"))

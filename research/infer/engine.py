@@ -39,7 +39,7 @@ from flax import nnx
 
 from research.infer import decode
 from research.model import cache as cache_lib
-from research.model import mor, recursion
+from research.model import early_exit, mor, recursion
 from research.model.cache import Cache
 from research.model.layers import KV, Carry, Site, SwiGLU, Tokens
 from research.model.lm import LanguageModel
@@ -353,8 +353,8 @@ class DepthwiseEngine(Engine):
     core    the shared block run ONCE on `block_rows` rows gathered from the slots whose token
             waits for a step (deepest first, then longest waiting), each row attending to its
             slot's entries of its own step (one gather per shared layer from the step pools,
-            `Pools`), its new entry written back; the router of the next step decides who
-            continues (the causal threshold rule, as in decoding);
+            `Pools`), its new entry written back; the core's rule decides who continues (MoR's
+            causal threshold rule, or the confidence exit, as in decoding);
     edge    up to `edge_rows` slots whose token left the core or was just admitted (longest
             waiting first): exit = coda, final norm, head and the next token, which ends the
             request (its EOS or budget, the host's rule) or enters at once; entry = embedding,
@@ -369,8 +369,14 @@ class DepthwiseEngine(Engine):
   shared block ran. With `profile`, entry, core and exit run as three compiled calls, each timed to
   its results (stats["time/entry"], "time/core", "time/exit", and "time/prefill"); the rest of a
   serve is host scheduling.
-  Served: middle_cycle / cycle plans with shared norms, no LoRA, dense FFNs,
-  model.mor.kv='cache' (ValueError naming the key otherwise)."""
+  The shared block runs through the core's own `Recursion.loop_step` (each row with its step's
+  LoRAs, merged as RRT App. K does, and norms), and who continues is the core's rule
+  (`decide_rows`): MoR expert choice's causal threshold rule, or a recursive model's confidence
+  exit (early_exit.py; the exit head then runs in the core on every row that ran a loop, and
+  again at the edge on the exited ones).
+  Served: middle_cycle / cycle plans, dense FFNs, MoR expert choice with model.mor.kv='cache'
+  or recursive models with model.recursion.exit_threshold > 0 (cycle) (ValueError naming the
+  key otherwise)."""
 
   def __init__(self, model: LanguageModel, *, slots: int, max_len: int,
                block_rows: int | None = None, edge_rows: int | None = None,
@@ -378,10 +384,10 @@ class DepthwiseEngine(Engine):
     core = model.core
     plan, b = core.plan, core.plan.num_shared
     refuse = [
-        (not isinstance(core.rule, mor.ExpertChoice), "model.mor.kind", "must be 'expert'"),
+        (not isinstance(core.rule, (mor.ExpertChoice, early_exit.ConfidenceExit)),
+         "model.mor.kind", "must be 'expert' (or a recursive model with "
+         "model.recursion.exit_threshold > 0)"),
         (core.kv_mode != "cache", "model.mor.kv", "must be 'cache' (recursion-wise caching)"),
-        (core.lora is not None, "model.recursion.lora_rank", "must be 0 (no per-depth LoRA)"),
-        (core.attn_norms is not None, "model.recursion.share_norms", "must be True"),
         (any(plan.order[d] != plan.order[d % b] for d in range(len(plan.order))),
          "model.recursion.strategy", "must be cycle or middle_cycle (one block per step slot)"),
         (any(not isinstance(blk.ffn, SwiGLU) for blk in (*model.prelude.blocks, *core.blocks,
@@ -501,13 +507,6 @@ class DepthwiseEngine(Engine):
     cache, flight, made = self._entry_fn(state, cache, flight, edge, token_S)
     return cache, flight, made, rows, capped
 
-  def _decide(self, model: LanguageModel, x_BD: Array, r: int) -> tuple[Array, Array]:
-    """Whether a token with state x runs step r (threshold rule), and its gate."""
-    core, rule = model.core, model.core.rule
-    _, _, logit_B1, w_B1 = rule.scores(core, x_BD[:, None], r)
-    run_B = mor.threshold_route(jnp.ones_like(logit_B1, bool), logit_B1, rule.capacity[r])
-    return run_B[:, 0], w_B1[:, 0].astype(jnp.float32)
-
   def _core_fn(self, state, cache: Pools, flight, enter_S: Array):
     """Core: block_rows waiting rows at their own steps through the shared block, once (the
     slots admitted this step are marked ENTER first: they wait for the edge)."""
@@ -534,31 +533,34 @@ class DepthwiseEngine(Engine):
     put_R = jnp.where(valid_R, base_R + count_R, n)
     tok_R = Tokens(pos_R[:, None], valid_R[:, None].astype(jnp.int32), count_R[:, None])
     x_R1D = x_SD[idx_R][:, None]
-    y_R1D, pools = x_R1D, dict(cache.pools)
-    rows = jnp.arange(self.block_rows)
-    for j in range(core.plan.num_shared):
-      pool = pools[j]
+    b = core.plan.num_shared
+    reads = {}
+    for j in range(b):
+      pool = cache.pools[j]
       seg_RC = jnp.where(inside_RC, pool.tok.segments[flat_RC], 0)
-      read = KV(pool.k[flat_RC], pool.v[flat_RC],
-                Tokens(pool.tok.positions[flat_RC], seg_RC, pool.tok.indices[flat_RC]))
-      block = core.blocks[core.plan.order[j]]
-      y_R1D, _, out = block.forward(y_R1D, tok_R, site=Site("row"), carry=Carry(kv={"row": read}))
-      new = out.kv["row"]
+      reads[f"row/{j}"] = KV(pool.k[flat_RC], pool.v[flat_RC],
+                             Tokens(pool.tok.positions[flat_RC], seg_RC, pool.tok.indices[flat_RC]))
+    # each row's step through the core's own loop step (its step's LoRAs and norms, merged)
+    y_R1D, out = core.loop_step(x_R1D, tok_R, r_R, Carry(kv=reads),
+                                sites=[Site(f"row/{j}") for j in range(b)])
+    pools, rows = dict(cache.pools), jnp.arange(self.block_rows)
+    for j in range(b):
+      pool, new = pools[j], out.kv[f"row/{j}"]
       pools[j] = KV(pool.k.at[put_R].set(new.k[rows, count_R], mode="drop"),
                     pool.v.at[put_R].set(new.v[rows, count_R], mode="drop"),
-                    Tokens(*(a.at[put_R].set(b[:, 0], mode="drop") for a, b in
+                    Tokens(*(a.at[put_R].set(b_R1[:, 0], mode="drop") for a, b_R1 in
                              zip(pool.tok, tok_R, strict=True))))
     counts = cache.counts.at[r_R, jnp.where(valid_R, idx_R, s)].add(1, mode="drop")
     w_R = w_S[idx_R]
-    x_new_RD = (x_R1D + (w_R[:, None, None].astype(y_R1D.dtype) * y_R1D).astype(x_R1D.dtype))[:, 0]
+    if core.rule.mode == "add":  # MoR expert choice: H += g f(H)
+      x_new_RD = (x_R1D + (w_R[:, None, None].astype(y_R1D.dtype) * y_R1D).astype(x_R1D.dtype))
+    else:  # early exit: the loop's output
+      x_new_RD = y_R1D.astype(x_R1D.dtype)
+    x_new_RD = x_new_RD[:, 0]
     next_R = r_R + 1
-    cont_R, w_next_R = jnp.zeros_like(valid_R), jnp.zeros_like(w_R)
-    room_R = jnp.ones_like(valid_R)
-    for r in range(1, nr):
-      run_R, w_r_R = self._decide(model, x_new_RD, r)
-      cont_R = jnp.where(next_R == r, run_R, cont_R)
-      w_next_R = jnp.where(next_R == r, w_r_R, w_next_R)
-      room_R = jnp.where(next_R == r, counts[r, idx_R] < self.site_len[r], room_R)
+    cont_R, w_next_R = core.rule.decide_rows(core, x_new_RD, next_R, model.logits)
+    steps_r = jnp.minimum(next_R, nr - 1)
+    room_R = (next_R >= nr) | (counts[steps_r, idx_R] < jnp.asarray(self.site_len)[steps_r])
     capped = jnp.sum(valid_R & cont_R & ~room_R, dtype=jnp.int32)
     cont_R = cont_R & room_R
     to_R = jnp.where(valid_R, idx_R, s)
@@ -615,7 +617,8 @@ class DepthwiseEngine(Engine):
                    outer.length[idx_E])
     x_E1D, _, _, carry = model.inputs(token_E[:, None], None, enter_E[:, None].astype(jnp.int32),
                                       rows_E)
-    run_E, w0_E = self._decide(model, x_E1D[:, 0], 0)
+    run_E, w0_E = model.core.rule.decide_rows(model.core, x_E1D[:, 0],
+                                              jnp.zeros(idx_E.shape, jnp.int32), model.logits)
     run_E = run_E & (cache.counts[0, idx_E] < self.site_len[0])
     to_E = jnp.where(enter_E, idx_E, self.slots)
     kv = dict(outer.kv)

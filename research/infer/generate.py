@@ -40,6 +40,13 @@ def check(g: mlc.ConfigDict) -> None:
     raise ConfigError(f"config.generate.top_p={g.top_p}: must be in (0, 1] (1: no nucleus cut)")
 
 
+def load(g: mlc.ConfigDict, workdir: str) -> routing.LoadedRun:
+  """The run's newest checkpoint, with generate.exit_threshold (when >= 0) as the model's."""
+  if g.exit_threshold < 0:
+    return routing.load_run(workdir)
+  return routing.load_run(workdir, {"recursion.exit_threshold": g.exit_threshold})
+
+
 def generate_from_checkpoint(cfg: mlc.ConfigDict, workdir: str) -> list[str]:
   """Continues config.generate.prompt num_samples times (one batch) with the newest checkpoint of
   `workdir`, prints each continuation (cut at the first end-of-document token; one with no
@@ -49,7 +56,7 @@ def generate_from_checkpoint(cfg: mlc.ConfigDict, workdir: str) -> list[str]:
   check(g)
   if g.prompts_file:
     return [r["completion"] for r in serve_prompts_file(cfg, workdir)]
-  loaded = routing.load_run(workdir)
+  loaded = load(g, workdir)
   tok = loaded.run.tokenizer
   ids = tok.encode(g.prompt, add_special_tokens=False).ids
   if not ids:
@@ -90,7 +97,7 @@ def serve_prompts_file(cfg: mlc.ConfigDict, workdir: str) -> list[dict]:
   prompts = read_prompts(g.prompts_file)
   if not prompts:
     raise ConfigError(f"config.generate.prompts_file={g.prompts_file!r}: holds no prompt")
-  loaded = routing.load_run(workdir)
+  loaded = load(g, workdir)
   tok = loaded.run.tokenizer
   eos = tokenizer_lib.eos_id(tok)
   requests = []

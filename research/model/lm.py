@@ -119,7 +119,7 @@ class LanguageModel(nnx.Module):
       x_BTD, coda_aux, carry = self.coda.forward(loops[-1], tok, carry)
       logits = [self.logits(h_BTD) for h_BTD in loops[:-1]] + [self.logits(x_BTD)]
     else:
-      x_BTD, aux, carry = self.core.forward(x_BTD, tok, carry)
+      x_BTD, aux, carry = self.core.forward(x_BTD, tok, carry, head=self.logits)
       x_BTD, coda_aux, carry = self.coda.forward(x_BTD, tok, carry)
       logits = self.logits(x_BTD)
     aux = aux_lib.mean_over_layers(aux_lib.add_aux([pre_aux, aux, coda_aux]))

@@ -156,10 +156,14 @@ class Rule:
 
 
 class ExpertChoice(Rule):
-  """§2.2: nested top-k over each row's tokens, one router per step."""
+  """§2.2: nested top-k over each row's tokens, one router per step (`mode` "add": a step adds
+  its gated output, H += g f(H))."""
 
-  def __call__(self, core, x_BTD: Array, tok: Tokens, carry: Carry
+  mode = "add"
+
+  def __call__(self, core, x_BTD: Array, tok: Tokens, carry: Carry, head=None
                ) -> tuple[Array, dict, Carry]:
+    """(state, aux, carry); `head` unused (the routers decide)."""
     c, e = self.cfg, self.cfg.expert
     t = x_BTD.shape[1]
     nr = self.num_recursions
@@ -214,6 +218,17 @@ class ExpertChoice(Rule):
     w_BC = g_BC if e.gating == "weighted" else jnp.ones_like(g_BC)
     return s_BC, g_BC, rule_BC, w_BC
 
+  def decide_rows(self, core, x_RD: Array, next_R: Array, head=None) -> tuple[Array, Array]:
+    """For tokens at different steps (the depth-wise engine): whether each runs step next_R
+    (0-based; none at next_R = Nr) by the causal threshold rule (§2.5), and its gate."""
+    go_R, w_R = jnp.zeros(next_R.shape, bool), jnp.zeros(next_R.shape, jnp.float32)
+    for r in range(self.num_recursions):
+      _, _, rule_R1, w_R1 = self.scores(core, x_RD[:, None], r)
+      run_R = threshold_route(jnp.ones_like(rule_R1, bool), rule_R1, self.capacity[r])[:, 0]
+      go_R = jnp.where(next_R == r, run_R, go_R)
+      w_R = jnp.where(next_R == r, w_R1[:, 0].astype(jnp.float32), w_R)
+    return go_R, w_R
+
   def stats(self, s_BC, rule_BC, target_BC, valid_BC) -> dict[str, Array]:
     """One step's BCE (of the aux router when there is one), z-loss, threshold accuracy and
     sigma(s) histograms of the selected and the passed-over candidates (Fig. 5b)."""
@@ -230,8 +245,11 @@ class ExpertChoice(Rule):
 class TokenChoice(Rule):
   """§2.4: one router picks each token's depth; step r runs the tokens with depth >= r."""
 
-  def __call__(self, core, x_BTD: Array, tok: Tokens, carry: Carry
+  mode = "set"
+
+  def __call__(self, core, x_BTD: Array, tok: Tokens, carry: Carry, head=None
                ) -> tuple[Array, dict, Carry]:
+    """(state, aux, carry); `head` unused (the router decides)."""
     c, tc = self.cfg, self.cfg.token
     t = x_BTD.shape[1]
     nr = self.num_recursions

@@ -12,7 +12,7 @@ full rank can reproduce any untied model.
 """
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ import ml_collections as mlc
 from flax import nnx
 
 from research.model import aux as aux_lib
-from research.model import moe, mor, routed
+from research.model import early_exit, moe, mor, routed
 from research.model.layers import NO_CARRY, SELF_ATTENTION, Carry, LoRA, Site, Tokens
 
 Array = jax.Array
@@ -152,8 +152,9 @@ class Recursion(nnx.Module):
   and norms, and optionally a MoR routing rule deciding which tokens run each recursion step.
 
   A plain stack (strategy "none": every depth its own block) and the tied cores are this one
-  class; with `rule` (mor.ExpertChoice | mor.TokenChoice) a step r (the num_shared depths of
-  loop r) runs through routed.py on the tokens the rule selects. The rule's networks are the
+  class; with `rule` (mor.ExpertChoice | mor.TokenChoice, or early_exit.ConfidenceExit when
+  decoding a model with per-loop exits) a step r (the num_shared depths of loop r) runs through
+  routed.py on the tokens the rule selects. The rule's networks are the
   core's attributes `router`, `aux_router`, `bias`, `counter` (None when absent).
   With `recursion.lora_merged`, each loop runs through `loop_step` with the merged per-loop
   LoRAs (same outputs, the form that batches samples at different loops; cycle plans only).
@@ -174,21 +175,22 @@ class Recursion(nnx.Module):
       init = nnx.with_partitioning(nnx.initializers.ones, (None, "norm"))
       self.attn_norms = nnx.Param(init(rngs.params(), (depths, m.d_model), param_dtype))
       self.ffn_norms = nnx.Param(init(rngs.params(), (depths, m.d_model), param_dtype))
-    self.rule = mor.make_rule(m)
+    self.rule = mor.make_rule(m) or early_exit.make_rule(m)
     for name, module in mor.build_router(m, param_dtype=param_dtype, rngs=rngs).items():
       setattr(self, name, module)
-    self.kv_mode = m.mor.kv if self.rule is not None else "cache"
+    self.kv_mode = m.mor.kv if m.mor.kind != "none" else "cache"
 
   def __call__(self, x_BTD: Array, tok: Tokens) -> tuple[Array, dict]:
     return self.forward(x_BTD, tok)[:2]
 
-  def forward(self, x_BTD: Array, tok: Tokens, carry: Carry = NO_CARRY
-              ) -> tuple[Array, dict, Carry]:
+  def forward(self, x_BTD: Array, tok: Tokens, carry: Carry = NO_CARRY,
+              head: Callable[[Array], Array] | None = None) -> tuple[Array, dict, Carry]:
     """(output, aux summed over depths, carry): the carry runs through every depth in order, so a
-    recurrent router's state goes on when a shared MoE layer runs again (layers.Carry). A MoR
-    rule adds its statistics, losses and decisions (aux "route/...", mor.routes) to the aux."""
+    recurrent router's state goes on when a shared MoE layer runs again (layers.Carry). A rule
+    (MoR, or early_exit's, which reads the model's exit `head`) adds its statistics, losses and
+    decisions (aux "route/...", mor.routes) to the aux."""
     if self.rule is not None:
-      return self.rule(self, x_BTD, tok, carry)
+      return self.rule(self, x_BTD, tok, carry, head)
     outs, aux, carry = self.loop_outputs(x_BTD, tok, carry)
     return outs[-1], aux, carry
 
@@ -265,10 +267,13 @@ class Recursion(nnx.Module):
             if s.name is not None]
 
   def loop_step(self, x_BTD: Array, tok: Tokens, loop_B: Array, carry: Carry = NO_CARRY, *,
-                loop: int | None = None) -> tuple[Array, Carry]:
+                loop: int | None = None, sites: Sequence[Site] | None = None
+                ) -> tuple[Array, Carry]:
     """One pass over the shared layers, row b at loop loop_B[b] (its LoRAs and norms): the
-    step of continuous depth-wise batching (RRT §2.4, App. K), merged LoRAs. Cycle plans. With
-    `loop` (every row at that loop), the attention uses that loop's cache sites."""
+    step of continuous depth-wise batching (RRT §2.4, App. K), merged LoRAs. Cycle plans. The
+    attention of shared layer j uses sites[j] when given (the depth-wise engine's gathered
+    rows), else that loop's cache sites with `loop` (every row at that loop), else plain
+    self-attention."""
     for j in range(self.plan.num_shared):
       depths = [d for d, k in enumerate(self.plan.order) if k == j]  # loop b -> depths[b]
       lora = None if self.lora is None else self.lora.merged(depths, loop_B)
@@ -276,7 +281,10 @@ class Recursion(nnx.Module):
       if self.attn_norms is not None:
         depth_B = jnp.asarray(depths, jnp.int32)[loop_B]
         norms = (self.attn_norms[...][depth_B], self.ffn_norms[...][depth_B])
-      site = SELF_ATTENTION if loop is None else self.site(depths[loop])
+      if sites is not None:
+        site = sites[j]
+      else:
+        site = SELF_ATTENTION if loop is None else self.site(depths[loop])
       x_BTD, _, carry = self.call(self.blocks[j], x_BTD, tok, lora, norms, site, carry)
     return x_BTD, carry
 
