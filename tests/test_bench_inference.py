@@ -103,7 +103,8 @@ def test_serve_plan_names_the_engine_or_why_not(models):
   exit_core = models["recursive_exit"].core
   assert exit_core.plan.num_shared == LAYERS // 2 and exit_core.rule.threshold == 0.5
   assert bench.depth_problem("mor4", 8) and bench.depth_problem("mor3", 8) is None
-  assert bench.depth_problem("recursive_exit", 7) and bench.depth_problem("recursive_exit", 8) is None
+  assert bench.depth_problem("recursive_exit", 7)
+  assert bench.depth_problem("recursive_exit", 8) is None
 
 
 def test_table_and_json_rows_have_the_issue_schema(models, tmp_path):
