@@ -314,6 +314,8 @@ def validate_generate(cfg: mlc.ConfigDict) -> None:
   _one_of(cfg, "generate.engine", ("sequence", "depthwise"))
   _check(0 <= g.block_rows <= g.slots, "generate.block_rows", g.block_rows,
          f"must be in 0..config.generate.slots={g.slots} (0: slots)")
+  _check(g.exit_threshold == -1 or 0 <= g.exit_threshold <= 1, "generate.exit_threshold",
+         g.exit_threshold, "must be -1 (the run's model.recursion.exit_threshold) or in [0, 1]")
   if g.prompts_file:
     _check(os.path.isfile(g.prompts_file), "generate.prompts_file", g.prompts_file,
            "no such file")

@@ -16,6 +16,7 @@ from research.analysis import routing
 from research.config import ConfigError
 from research.infer import decode, generate
 from research.infer import engine as engine_lib
+from research.model import early_exit
 from research.model.lm import LanguageModel
 from tests import launch_util, model_util
 
@@ -103,6 +104,53 @@ def test_launch_generate_serves_a_prompts_file_through_the_engine(trained, tmp_p
   assert [r["tokens"] for r in again] == [r["tokens"] for r in records]
   np.testing.assert_allclose([r["mean_depth"] for r in again], [r["mean_depth"] for r in records])
   assert "depthwise engine" in depthwise.stdout and "shared-block rows in " in depthwise.stdout
+
+
+EXIT_RUN = {"model.num_layers": 4, "model.recursion.strategy": "cycle",
+            "model.recursion.num_recursions": 2, "model.recursion.early_exit": True,
+            "train.exit_loss": "aggressive", "train.steps": 4}
+
+
+def test_generate_serves_an_early_exit_run_with_generate_exit_threshold(trained, tmp_path):
+  """A 4-step cycle run with one exit per loop, served from a prompts file by the depth-wise
+  engine with generate.exit_threshold (in process): each record equals decode.generate of the
+  model loaded with that threshold, tokens exit after loop 1 (mean depth < 2) and the summary
+  prints the mean depth. The threshold on a run without exits is one error naming the key."""
+  launcher, mor_workdir = trained
+  workdir = tmp_path / "exit_run"
+  result = launcher.run(workdir, EXIT_RUN, config="configs/vanilla.py:tiny")
+  assert result.returncode == 0, result.stderr
+  prompts = ["KING", "ROMEO: O"]
+  path = tmp_path / "prompts.txt"
+  path.write_text("\n".join(prompts) + "\n")
+  plain = routing.load_run(str(workdir))
+  tok = plain.run.tokenizer
+  assert plain.model.core.rule is None  # trained without a threshold: every loop
+  # tau: the median loop-1 exit confidence of the prompts' tokens, so that about half of them
+  # exit after loop 1 (loop 1 runs on every token: its state is the unrouted forward's)
+  conf = [early_exit.confidence(plain.model(jnp.asarray([tok.encode(p).ids]), exits=True)[0][0])
+          for p in prompts]
+  tau = float(np.median(np.concatenate([np.asarray(c).ravel() for c in conf])))
+  cfg = model_util.tiny_config()
+  cfg.generate.update(prompts_file=str(path), num_tokens=6, temperature=0.0, slots=2, max_len=24,
+                      engine="depthwise", exit_threshold=tau)
+  config_lib.validate(cfg)
+  records = generate.serve_prompts_file(cfg, str(workdir))
+  loaded = routing.load_run(str(workdir), {"recursion.exit_threshold": tau})
+  assert loaded.model.core.rule.threshold == tau
+  eos = tok.token_to_id("<|endoftext|>")
+  for r in records:
+    ids = tok.encode(r["prompt"], add_special_tokens=False).ids
+    want = np.asarray(decode.generate(loaded.model, jnp.asarray([ids]), 6, max_len=24))[0].tolist()
+    assert r["tokens"] == (want[:want.index(eos) + 1] if eos in want else want)
+    assert 1 <= r["mean_depth"] < 2
+  cfg.generate.exit_threshold = 0.5
+  with pytest.raises(ConfigError, match=r"config\.model\.recursion\.exit_threshold=0\.5: .*"
+                     r"needs config\.model\.recursion\.early_exit=True"):
+    generate.serve_prompts_file(cfg, str(mor_workdir))
+  cfg.generate.exit_threshold = 2.0
+  with pytest.raises(ConfigError, match=r"config\.generate\.exit_threshold=2\.0: must be -1"):
+    config_lib.validate(cfg)
 
 
 def test_launch_generate_refuses_bad_prompts_files_with_one_error_line(trained, tmp_path):

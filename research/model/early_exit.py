@@ -86,7 +86,8 @@ class ConfidenceExit:
     """For tokens at different loops (the depth-wise engine): whether each runs loop next_R
     (0-based: next_R loops already run) and its combine weight (1)."""
     del core
-    go_R = (next_R == 0) | ((next_R < self.num_recursions) & self.decide(x_RD, 1, head))
+    more_R = self.decide(x_RD[:, None], 1, head)[:, 0]  # the head reads [B, T, D]
+    go_R = (next_R == 0) | ((next_R < self.num_recursions) & more_R)
     return go_R, jnp.ones(next_R.shape, jnp.float32)
 
 

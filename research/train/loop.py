@@ -49,6 +49,9 @@ RUN_DEFINING = ("seed", "data.seed", "model", "data.source", "data.train_files",
                 "data.text_key", "data.valid_fraction", "data.split_seed", "data.seq_len",
                 "data.tokenizer", "data.bpe_vocab_size", "train.batch_size")
 
+# Model keys read only when decoding (research/model/early_exit.py): not run-defining.
+DECODE_ONLY = ("model.recursion.exit_threshold",)
+
 # Train keys that change the run from here on without making its checkpoints meaningless; a
 # resumed run names those that differ from the workdir's config.json.
 RUN_SHAPING = ("train.steps", "train.flop_budget", "train.lr", "train.schedule",
@@ -118,7 +121,8 @@ def check_workdir_config(cfg: mlc.ConfigDict, workdir: str) -> list[str]:
   keys = sorted(set(old) | set(new))
   diff = lambda k: f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
   changed = [k for k in keys
-             if _matches(k, RUN_DEFINING) and old.get(k, "(absent)") != new.get(k, "(absent)")]
+             if _matches(k, RUN_DEFINING) and not _matches(k, DECODE_ONLY)
+             and old.get(k, "(absent)") != new.get(k, "(absent)")]
   if changed and not cfg.allow_config_change:
     details = "; ".join(diff(k) for k in changed[:5])
     more = f"; and {len(changed) - 5} more" if len(changed) > 5 else ""
