@@ -228,7 +228,8 @@ DEPTHWISE = ("expert_cache", "exit_relaxed")  # MoR expert choice; confidence ex
 def depthwise(name: str = "expert_cache") -> engine_lib.DepthwiseEngine:
   """Depth-wise batching of `name`: 3 slots, the shared block on 2 rows."""
   return engine_lib.DepthwiseEngine(build(name), slots=3, max_len=MAX_LEN,
-                                    buckets=BUCKETS, prefill_batch=2, block_rows=2)
+                                    buckets=BUCKETS, prefill_batch=2, block_rows=2,
+                                    edge_sizes=(1, 3))
 
 
 @pytest.mark.parametrize("name", DEPTHWISE)
@@ -239,7 +240,9 @@ def test_depthwise_greedy_output_equals_generate_alone_under_any_arrival_order(n
     done = eng.serve([reqs[i] for i in order])
     for c, i in zip(done, order, strict=True):
       assert c.tokens == expected(reqs[i], ref[i]), (order, i)
-  assert dict(eng.traces) == {"step": 1, "prefill/8": 1, "prefill/16": 1}
+  # one trace per edge size (both used: the step picks the size by the slots waiting for the
+  # edge) and per prefill bucket, across both orders
+  assert dict(eng.traces) == {"step/1": 1, "step/3": 1, "prefill/8": 1, "prefill/16": 1}
 
 
 @pytest.mark.parametrize("name", DEPTHWISE)
@@ -274,6 +277,7 @@ def test_depthwise_block_rows_are_the_routing_decisions(name):
 def test_depthwise_sampling_equals_generate_with_the_requests_key():
   model = build("expert_cache")
   eng = engine_lib.DepthwiseEngine(model, slots=2, max_len=MAX_LEN, buckets=(4, 16),
+                                   edge_sizes=(2,),
                                    temperature=1.0, top_p=0.9)
   reqs = [engine_lib.Request(prompts()[i], BUDGET, seed=s) for i, s in ((0, 3), (3, 4), (0, 5))]
   for c, r in zip(eng.serve(reqs), reqs, strict=True):
@@ -290,6 +294,15 @@ def test_depthwise_refuses_models_it_cannot_batch_across_depths_naming_the_key()
       engine_lib.DepthwiseEngine(build(name), slots=2, max_len=MAX_LEN)
   with pytest.raises(ValueError, match="block_rows=3"):
     engine_lib.DepthwiseEngine(build("expert_cache"), slots=2, max_len=MAX_LEN, block_rows=3)
+  with pytest.raises(ValueError, match=r"edge_sizes=\(1, 4\) must lie in 1\.\.slots=2"):
+    engine_lib.DepthwiseEngine(build("expert_cache"), slots=2, max_len=MAX_LEN, edge_sizes=(1, 4))
+
+
+def test_the_edge_size_is_the_smallest_that_holds_the_waiting_slots():
+  assert engine_lib.default_edge_sizes(32) == (8, 16, 32)
+  assert engine_lib.default_edge_sizes(3) == (1, 2, 3) and engine_lib.default_edge_sizes(1) == (1,)
+  eng = depthwise()  # edge sizes (1, 3)
+  assert [eng.edge_size(n) for n in (0, 1, 2, 3)] == [1, 1, 3, 3]
 
 
 def test_depthwise_compacted_pools_equal_generate_without_overflow_and_cap_with_it():
@@ -299,7 +312,7 @@ def test_depthwise_compacted_pools_equal_generate_without_overflow_and_cap_with_
   are capped (they exit before a step whose row is full) or prompt entries dropped, and every
   request is still served."""
   model, reqs, ref = build("expert_cache"), requests("expert_cache"), references("expert_cache")
-  roomy = engine_lib.DepthwiseEngine(model, slots=3, max_len=40, buckets=BUCKETS,
+  roomy = engine_lib.DepthwiseEngine(model, slots=3, max_len=40, buckets=BUCKETS, edge_sizes=(3,),
                                      prefill_batch=2, compact=True)
   assert roomy.site_len == (30, 20, 10)
   full = engine_lib.depthwise_cache(model, 3, 40, (40, 40, 40))
@@ -309,6 +322,7 @@ def test_depthwise_compacted_pools_equal_generate_without_overflow_and_cap_with_
   for c, r, want in zip(done, reqs, ref, strict=True):
     assert c.tokens == expected(r, want)
   tight = engine_lib.DepthwiseEngine(model, slots=3, max_len=MAX_LEN, buckets=BUCKETS,
+                                     edge_sizes=(1,),
                                      prefill_batch=2, site_len=(20, 3, 1))
   done = tight.serve(reqs)
   assert tight.stats["capped"] + tight.stats["dropped"] > 0

@@ -89,6 +89,11 @@ def default_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
   return (*out, max_len)
 
 
+def default_edge_sizes(slots: int) -> tuple[int, ...]:
+  """The depth-wise engine's compiled edge sizes: a quarter, half and all of the slots."""
+  return tuple(sorted({max(1, math.ceil(slots / 4)), max(1, math.ceil(slots / 2)), slots}))
+
+
 def reset_slots(cache: Cache, mask_B: Array) -> Cache:
   """The cache with the rows where mask_B is True emptied: length 0, depth 0, every site's entries
   marked empty (segment 0, position 0). Their keys and values stay: an empty entry is never
@@ -350,15 +355,20 @@ class DepthwiseEngine(Engine):
   caching: every slot holds at most one token in flight, each at its own recursion step, and
   one engine step is
 
+    edge    the slots whose token left the core in the last step or was just admitted, up to
+            the edge size (longest waiting first): exit = coda, final norm, head and the next
+            token, which ends the request (its EOS or budget, the host's rule) or enters at
+            once; entry = embedding, prelude and the step-1 decision of the next token (an
+            admitted slot's: prefill's);
     core    the shared block run ONCE on `block_rows` rows gathered from the slots whose token
             waits for a step (deepest first, then longest waiting), each row attending to its
             slot's entries of its own step (one gather per shared layer from the step pools,
             `Pools`), its new entry written back; the core's rule decides who continues (MoR's
-            causal threshold rule, or the confidence exit, as in decoding);
-    edge    up to `edge_rows` slots whose token left the core or was just admitted (longest
-            waiting first): exit = coda, final norm, head and the next token, which ends the
-            request (its EOS or budget, the host's rule) or enters at once; entry = embedding,
-            prelude and the step-1 router of the next token (an admitted slot's: prefill's).
+            causal threshold rule, or the confidence exit, as in decoding).
+
+  The edge size is chosen per step from `edge_sizes` (default a quarter, half and all of the
+  slots; one compiled step each): the smallest that holds the slots waiting for it, which the
+  previous step reports, so the edge never limits how many tokens a step makes.
 
   Prefill is the sequence-wise one (Engine) into a fresh [prefill_batch, max_len] cache, whose core
   sites are then compacted into the pools. With `compact`, a slot holds ceil(c_r max_len) entries of
@@ -379,7 +389,7 @@ class DepthwiseEngine(Engine):
   key otherwise)."""
 
   def __init__(self, model: LanguageModel, *, slots: int, max_len: int,
-               block_rows: int | None = None, edge_rows: int | None = None,
+               block_rows: int | None = None, edge_sizes: Sequence[int] | None = None,
                compact: bool = False, site_len: Sequence[int] | None = None, **kw):
     core = model.core
     plan, b = core.plan, core.plan.num_shared
@@ -410,15 +420,14 @@ class DepthwiseEngine(Engine):
     if not 1 <= self.block_rows <= slots:
       raise ValueError(f"DepthwiseEngine: block_rows={block_rows} must be in 1..slots={slots}")
     self.width, self.dtype = model.embed.embedding.shape[1], model.embed.dtype
-    self.edge_rows = (max(1, math.ceil(slots / sum(core.rule.capacity))) if edge_rows is None
-                      else edge_rows)
-    if not 1 <= self.edge_rows <= slots:
-      raise ValueError(f"DepthwiseEngine: edge_rows={edge_rows} must be in 1..slots={slots}")
+    self.edge_sizes = tuple(sorted(set(edge_sizes or default_edge_sizes(slots))))
+    if not 1 <= self.edge_sizes[0] <= self.edge_sizes[-1] <= slots:
+      raise ValueError(f"DepthwiseEngine: edge_sizes={edge_sizes} must lie in 1..slots={slots}")
     if profile:
-      self._parts = [jax.jit(f, donate_argnums=(1, 2)) for f in
-                     (self._core_fn, self._exit_fn, self._entry_fn)]
+      self._parts = [jax.jit(f, donate_argnums=(1, 2), static_argnames=names) for f, names in
+                     ((self._exit_fn, "edge"), (self._entry_fn, ()), (self._core_fn, ()))]
     else:
-      self._step = jax.jit(self._step_fn, donate_argnums=(1, 2))
+      self._step = jax.jit(self._step_fn, donate_argnums=(1, 2), static_argnames="edge")
 
   def init_cache(self, model: LanguageModel) -> Pools:
     """The empty depth-wise cache (Pools) of this engine's slots and site lengths."""
@@ -442,6 +451,7 @@ class DepthwiseEngine(Engine):
     flight = (jnp.zeros((s, self.width), self.dtype), jnp.full((s,), IDLE, jnp.int32),
               jnp.zeros((s,), jnp.float32), jnp.zeros((s,), jnp.int32),
               jnp.zeros((s,), jnp.int32))
+    exited = 0  # slots whose token left the core in the last step: they wait for the edge
 
     def finish(c: Completion, token: int) -> bool:
       return _finish(requests[c.request], c, token, start, done, on_finish)
@@ -455,11 +465,13 @@ class DepthwiseEngine(Engine):
       if not any(c is not None for c in owner):
         continue
       inputs = (token_S, enter_S, key_S2, index_S, budget_S, eos_S)
+      edge = self.edge_size(exited + int(enter_S.sum()))
       if self.profile:
-        out = self._profiled_step(flight, inputs)
+        out = self._profiled_step(flight, inputs, edge)
       else:
-        out = self._step(self.state, self.cache, flight, *inputs)
-      self.cache, flight, (slot_E, made_E, next_E, depth_E), rows, capped = out
+        out = self._step(self.state, self.cache, flight, *inputs, edge=edge)
+      self.cache, flight, (slot_E, made_E, next_E, depth_E), rows, capped, exited = out
+      exited = int(exited)
       slot_E, made_E = np.asarray(slot_E), np.asarray(made_E)
       next_E, depth_E = np.asarray(next_E), np.asarray(depth_E)
       self.stats["engine_steps"] += 1
@@ -478,44 +490,48 @@ class DepthwiseEngine(Engine):
           index_S[slot] += 1
     return [done[i] for i in range(len(requests))]
 
-  def _profiled_step(self, flight, inputs):
+  def edge_size(self, pending: int) -> int:
+    """The compiled edge size of a step with `pending` slots waiting for the edge: the smallest
+    of edge_sizes that holds them all (the largest when none does)."""
+    return next((e for e in self.edge_sizes if e >= pending), self.edge_sizes[-1])
+
+  def _profiled_step(self, flight, inputs, edge: int):
     """The step as its three compiled parts, each timed to its results (stats["time/..."])."""
     token_S, enter_S, key_S2, index_S, budget_S, eos_S = inputs
-    core, exit_, entry = self._parts
+    exit_, entry, core = self._parts
     t0 = time.perf_counter()
-    cache, flight, rows, capped = jax.block_until_ready(core(self.state, self.cache, flight,
-                                                             enter_S))
+    cache, flight, out = jax.block_until_ready(exit_(self.state, self.cache, flight, enter_S,
+                                                     key_S2, index_S, budget_S, eos_S,
+                                                     edge=edge))
     t1 = time.perf_counter()
-    cache, flight, edge = jax.block_until_ready(exit_(self.state, cache, flight, key_S2,
-                                                      index_S, budget_S, eos_S))
+    cache, flight, made = jax.block_until_ready(entry(self.state, cache, flight, out, token_S))
     t2 = time.perf_counter()
-    cache, flight, made = jax.block_until_ready(entry(self.state, cache, flight, edge, token_S))
+    cache, flight, rows, capped, exited = jax.block_until_ready(core(self.state, cache, flight))
     t3 = time.perf_counter()
-    for part, sec in (("core", t1 - t0), ("exit", t2 - t1), ("entry", t3 - t2)):
+    for part, sec in (("exit", t1 - t0), ("entry", t2 - t1), ("core", t3 - t2)):
       self.stats[f"time/{part}"] += sec
-    return cache, flight, made, rows, capped
+    return cache, flight, made, rows, capped, exited
 
   def _step_fn(self, state, cache: Pools, flight, token_S: Array, enter_S: Array,
-               key_S2: Array, index_S: Array, budget_S: Array, eos_S: Array):
-    """One engine step (class docstring): (cache, flight, (edge rows' slots, whether each made a
-    token, the token, its depth), rows the shared block ran, tokens capped). flight = (hidden
-    [S, D], the step each slot's token waits for (IDLE, EXITED, ENTER), its gate, steps run,
-    engine steps it has waited unserved)."""
-    self.traces["step"] += 1
-    cache, flight, rows, capped = self._core_fn(state, cache, flight, enter_S)
-    cache, flight, edge = self._exit_fn(state, cache, flight, key_S2, index_S, budget_S, eos_S)
-    cache, flight, made = self._entry_fn(state, cache, flight, edge, token_S)
-    return cache, flight, made, rows, capped
+               key_S2: Array, index_S: Array, budget_S: Array, eos_S: Array, *, edge: int):
+    """One engine step (class docstring), edge then core: (cache, flight, (edge rows' slots,
+    whether each made a token, the token, its depth), rows the shared block ran, tokens capped,
+    slots now waiting for the edge). flight = (hidden [S, D], the step each slot's token waits
+    for (IDLE, EXITED, ENTER), its gate, steps run, engine steps it has waited unserved)."""
+    self.traces[f"step/{edge}"] += 1
+    cache, flight, out = self._exit_fn(state, cache, flight, enter_S, key_S2, index_S, budget_S,
+                                       eos_S, edge=edge)
+    cache, flight, made = self._entry_fn(state, cache, flight, out, token_S)
+    cache, flight, rows, capped, exited = self._core_fn(state, cache, flight)
+    return cache, flight, made, rows, capped, exited
 
-  def _core_fn(self, state, cache: Pools, flight, enter_S: Array):
-    """Core: block_rows waiting rows at their own steps through the shared block, once (the
-    slots admitted this step are marked ENTER first: they wait for the edge)."""
+  def _core_fn(self, state, cache: Pools, flight):
+    """Core: block_rows waiting rows at their own steps through the shared block, once; also
+    counts the slots whose token now waits for the edge."""
     model = nnx.merge(self.graphdef, state)
     core = model.core
     nr, s = core.plan.num_recursions, self.slots
     x_SD, r_S, w_S, steps_S, wait_S = flight
-    r_S = jnp.where(enter_S, ENTER, r_S)
-    wait_S = jnp.where(enter_S, 0, wait_S)
     waiting_S = r_S >= 0
     # deepest step first, then the longest unserved (no row waits forever), idle slots last
     order = jnp.lexsort((-wait_S, jnp.where(waiting_S, -r_S, nr)))
@@ -571,18 +587,21 @@ class DepthwiseEngine(Engine):
     wait_S = jnp.where(waiting_S | (r_S == EXITED) | (r_S == ENTER), wait_S + 1, 0).at[
         to_R].set(0, mode="drop")
     return (Pools(cache.outer, pools, counts), (x_SD, r_S, w_S, steps_S, wait_S),
-            jnp.sum(valid_R, dtype=jnp.int32), capped)
+            jnp.sum(valid_R, dtype=jnp.int32), capped, jnp.sum(r_S == EXITED, dtype=jnp.int32))
 
-  def _exit_fn(self, state, cache: Pools, flight, key_S2: Array, index_S: Array,
-               budget_S: Array, eos_S: Array):
-    """Edge, exit half: up to edge_rows slots whose token left the core or was just admitted
-    (longest waiting first) are gathered; the exited ones run the coda, final norm and head and
-    pick their next token, which ends the request (its EOS, or the budget) or enters next."""
+  def _exit_fn(self, state, cache: Pools, flight, enter_S: Array, key_S2: Array,
+               index_S: Array, budget_S: Array, eos_S: Array, *, edge: int):
+    """Edge, exit half: the slots admitted this step are marked ENTER; up to `edge` slots whose
+    token left the core or was just admitted (longest waiting first) are gathered; the exited
+    ones run the coda, final norm and head and pick their next token, which ends the request
+    (its EOS, or the budget) or enters next."""
     model = nnx.merge(self.graphdef, state)
     x_SD, r_S, w_S, steps_S, wait_S = flight
+    r_S = jnp.where(enter_S, ENTER, r_S)
+    wait_S = jnp.where(enter_S, 0, wait_S)
     outer = cache.outer
     pending_S = (r_S == EXITED) | (r_S == ENTER)
-    idx_E = jnp.lexsort((-wait_S, ~pending_S))[:self.edge_rows]
+    idx_E = jnp.lexsort((-wait_S, ~pending_S))[:edge]
     valid_E, r_E = pending_S[idx_E], r_S[idx_E]
     exit_E = valid_E & (r_E == EXITED)
     sites = [n for n in outer.kv if n.startswith("coda/")]
