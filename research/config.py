@@ -29,16 +29,17 @@ def _check(ok: bool, key: str, value, why: str) -> None:
 
 
 def _one_of(cfg: mlc.ConfigDict, key: str, choices: tuple) -> None:
-  value = _get(cfg, key)
+  value = lookup(cfg, key)
   _check(value in choices, key, value, f"must be one of {', '.join(map(str, choices))}")
 
 
 def _positive(cfg: mlc.ConfigDict, key: str) -> None:
-  value = _get(cfg, key)
+  value = lookup(cfg, key)
   _check(value > 0, key, value, "must be > 0")
 
 
-def _get(cfg: mlc.ConfigDict, key: str):
+def lookup(cfg: mlc.ConfigDict, key: str):
+  """The value (or section) at dotted `key` of cfg."""
   for part in key.split("."):
     cfg = cfg[part]
   return cfg
@@ -293,7 +294,7 @@ def validate_train(cfg: mlc.ConfigDict) -> None:
     _check(cfg.model.recursion.early_exit, "train.exit_loss", t.exit_loss,
            "needs config.model.recursion.early_exit=True")
   for key in ("exit_coeff", "exit_kd_coeff", "distill.coeff"):
-    _check(_get(t, key) >= 0, f"train.{key}", _get(t, key), "must be >= 0")
+    _check(lookup(t, key) >= 0, f"train.{key}", lookup(t, key), "must be >= 0")
   if t.distill.coeff:
     teacher = t.distill.teacher or cfg.model.init_from
     _check(bool(teacher), "train.distill.teacher", t.distill.teacher,

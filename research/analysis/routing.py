@@ -76,11 +76,8 @@ def load_run(workdir: str, model_overrides: dict | None = None) -> LoadedRun:
   {"recursion.exit_threshold": 0.9}; checked like the config)."""
   cfg = saved_config(workdir)
   for key, value in (model_overrides or {}).items():
-    section, name = key.rsplit(".", 1) if "." in key else ("", key)
-    target = cfg.model
-    for part in filter(None, section.split(".")):
-      target = target[part]
-    target[name] = value
+    parent, _, leaf = f"model.{key}".rpartition(".")
+    config_lib.lookup(cfg, parent)[leaf] = value
   if model_overrides:
     config_lib.validate(cfg)
   cfg.checkpoint.restore_from = ""  # the run's own checkpoints, not the one it started from

@@ -39,7 +39,7 @@ from flax import nnx
 
 from research.infer import decode
 from research.model import cache as cache_lib
-from research.model import early_exit, mor, recursion
+from research.model import early_exit, mor, recursion, routed
 from research.model.cache import Cache
 from research.model.layers import KV, Carry, Site, SwiGLU, Tokens
 from research.model.lm import LanguageModel
@@ -567,12 +567,9 @@ class DepthwiseEngine(Engine):
                     Tokens(*(a.at[put_R].set(b_R1[:, 0], mode="drop") for a, b_R1 in
                              zip(pool.tok, tok_R, strict=True))))
     counts = cache.counts.at[r_R, jnp.where(valid_R, idx_R, s)].add(1, mode="drop")
-    w_R = w_S[idx_R]
-    if core.rule.mode == "add":  # MoR expert choice: H += g f(H)
-      x_new_RD = (x_R1D + (w_R[:, None, None].astype(y_R1D.dtype) * y_R1D).astype(x_R1D.dtype))
-    else:  # early exit: the loop's output
-      x_new_RD = y_R1D.astype(x_R1D.dtype)
-    x_new_RD = x_new_RD[:, 0]
+    # the rule's combine, as its forward does it (MoR: H += g f(H); early exit: the output)
+    x_new_RD = routed.scatter(x_R1D, y_R1D, routed.in_place(jnp.ones_like(tok_R.segments, bool)),
+                              w_S[idx_R][:, None], core.rule.mode)[:, 0]
     next_R = r_R + 1
     cont_R, w_next_R = core.rule.decide_rows(core, x_new_RD, next_R, model.logits)
     steps_r = jnp.minimum(next_R, nr - 1)
