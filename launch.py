@@ -32,6 +32,8 @@ flags.DEFINE_bool("sweep_list", False, "Print the sweep's cells with their statu
 flags.DEFINE_enum("sweep_emit", None, ["slurm", "shell"],
                   "Write <workdir>/sweep.slurm (a job array) or sweep.sh that run the cells.")
 flags.DEFINE_bool("report", False, "Collect the sweep's results into <workdir>/results.*.")
+flags.DEFINE_list("sweep_seeds", [], "Run every sweep cell once per seed (e.g. 0,1), in "
+                  "<cell>_seed<k>; give the same list to --report, --sweep_index and --sweep_emit.")
 flags.DEFINE_bool("print_config", False,
                   "Print every key of --config (with overrides) with its value and its comment "
                   "from configs/base.py, then exit.")
@@ -107,6 +109,14 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f"error: --config: {' '.join(str(e).split())}")
 
 
+def sweep_seeds() -> list[int]:
+  """--sweep_seeds as integers (one error: line when an entry is not one)."""
+  try:
+    return [int(s) for s in FLAGS.sweep_seeds]
+  except ValueError:
+    sys.exit(f"error: --sweep_seeds={','.join(FLAGS.sweep_seeds)}: expected integers, e.g. 0,1")
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -116,6 +126,12 @@ def main(argv: list[str]) -> None:
     return
   if not FLAGS.workdir:
     sys.exit("error: --workdir: required (the directory for checkpoints, metrics and caches)")
+  in_sweep = (FLAGS.sweep or FLAGS.sweep_index is not None or FLAGS.sweep_list or FLAGS.sweep_emit
+              or FLAGS.report)
+  if FLAGS.sweep_seeds and not in_sweep:
+    sys.exit("error: --sweep_seeds: only for a sweep (--sweep, --sweep_index, --sweep_list, "
+             "--sweep_emit or --report); a single run takes --config.seed")
+  seeds = sweep_seeds()
   try:
     config_lib.validate(cfg)
   except config_lib.ConfigError as e:
@@ -123,11 +139,10 @@ def main(argv: list[str]) -> None:
   mesh.maybe_initialize_distributed(cfg.distributed)
   logging.set_verbosity(logging.WARNING)
   try:
-    if (FLAGS.sweep or FLAGS.sweep_index is not None or FLAGS.sweep_list or FLAGS.sweep_emit
-        or FLAGS.report):
+    if in_sweep:
       if not sweep.main(FLAGS["config"].config_filename, cfg, FLAGS.workdir, argv=sys.argv,
                         index=FLAGS.sweep_index, list_cells=FLAGS.sweep_list,
-                        emit=FLAGS.sweep_emit, results=FLAGS.report):
+                        emit=FLAGS.sweep_emit, results=FLAGS.report, seeds=seeds):
         sys.exit(1)
     elif cfg.mode == "eval":
       loop.evaluate_checkpoint(cfg, FLAGS.workdir)

@@ -33,8 +33,9 @@ from research.train import flops, loop
 from research.train import mesh as mesh_lib
 
 DONE = "done.json"  # written into a cell's workdir when its run has finished
-RESULT_COLUMNS = ("cell", "label", "status", "non_embedding_params", "params", "flops_per_token",
-                  "steps", "planned_steps", "tokens", "train_flops", "valid_nll", "tokens_per_s")
+RESULT_COLUMNS = ("cell", "label", "group", "seed", "status", "non_embedding_params", "params",
+                  "flops_per_token", "steps", "planned_steps", "tokens", "train_flops", "valid_nll",
+                  "tokens_per_s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,23 @@ class Cell:
   name: str
   label: str
   overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # dotted key -> value
+  group: str = ""  # with --sweep_seeds: the table row this run is one seed of (the cell's name)
+
+
+def with_seeds(cells: Sequence[Cell], seeds: Sequence[int]) -> list[Cell]:
+  """Every cell once per seed, seed-major (a whole table of the first seed comes first): run
+  `<name>_seed<k>` sets config.seed = k (the model init, and the data order unless data.seed is
+  set) and is grouped under `<name>` by --report. No seeds: the cells as they are."""
+  if not seeds:
+    return list(cells)
+  if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+    raise config_lib.ConfigError(f"--sweep_seeds={','.join(map(str, seeds))}: seeds must be "
+                                 "distinct non-negative integers")
+  for c in cells:
+    if "seed" in c.overrides:
+      raise config_lib.ConfigError(f"--sweep_seeds: cell {c.name!r} sets config.seed itself")
+  return [Cell(f"{c.name}_seed{s}", c.label, dict(c.overrides, seed=s), group=c.name)
+          for s in seeds for c in cells]
 
 
 def parse_spec(config_spec: str) -> tuple[str, str | None]:
@@ -202,7 +220,7 @@ def run_cells(cells: Sequence[Cell], cfgs: Sequence[mlc.ConfigDict], workdir: st
 
 
 def _command(config_spec: str, workdir: str, index: str, extra: Sequence[str]) -> str:
-  args = [f"--config={config_spec}", f"--workdir={workdir}", *extra]
+  args = [f"--config={config_spec}", f"--workdir={workdir}", *extra]  # extra: --sweep_seeds too
   return " ".join(["python launch.py", *map(shlex.quote, args), f"--sweep_index={index}"])
 
 
@@ -334,7 +352,8 @@ def collect(cells: Sequence[Cell], cfgs: Sequence[mlc.ConfigDict], workdir: str)
     per_token = flops.paper_flops_per_token(cfg.model, cfg.data.seq_len)
     tokens = steps * cfg.train.batch_size * cfg.data.seq_len
     rows.append(dict(
-        cell=cell.name, label=cell.label, status=cell_status(cell_dir),
+        cell=cell.name, label=cell.label, group=cell.group or cell.name,
+        seed=cell.overrides.get("seed", cfg.seed), status=cell_status(cell_dir),
         non_embedding_params=non_emb, params=total, flops_per_token=per_token, steps=steps,
         planned_steps=loop.total_steps(cfg), tokens=tokens, train_flops=per_token * tokens,
         valid_nll=nll, tokens_per_s=statistics.median(speeds) if speeds else None,
@@ -387,19 +406,62 @@ def markdown_table(rows: Sequence[dict], title: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+def seed_rows(rows: Sequence[dict]) -> list[dict]:
+  """One row per group of seeds (with --sweep_seeds): the seeds' validation NLLs, their mean and
+  spread (max - min), over the runs that have an NLL; status done only when every seed is."""
+  groups: dict[str, list[dict]] = {}
+  for r in rows:
+    groups.setdefault(r["group"], []).append(r)
+  out = []
+  for name, runs in groups.items():
+    nlls = [r["valid_nll"] for r in runs if r["valid_nll"] is not None]
+    out.append(dict(
+        cell=name, label=runs[0]["label"], seeds=[r["seed"] for r in runs],
+        valid_nlls=[r["valid_nll"] for r in runs],
+        mean_nll=statistics.fmean(nlls) if nlls else None,
+        spread=max(nlls) - min(nlls) if len(nlls) > 1 else None,
+        status="done" if all(r["status"] == "done" for r in runs) else "partial"))
+  return out
+
+
+def seed_table(rows: Sequence[dict]) -> str:
+  """The per-cell table over seeds: mean validation NLL, each seed's, and their spread."""
+  header = "| Cell | Model | Status | Valid NLL (mean) | per seed | spread |"
+  lines = ["## Over seeds", "",
+           "Mean and each seed's final validation NLL; spread = max - min over the seeds. A "
+           "difference between two cells smaller than their spreads is not resolved.", "",
+           header, "|" + "---|" * header.count(" | ") + "---|"]
+  for g in seed_rows(rows):
+    per_seed = ", ".join(f"s{s}: " + ("-" if v is None else f"{v:.4f}")
+                         for s, v in zip(g["seeds"], g["valid_nlls"], strict=True))
+    mean = "-" if g["mean_nll"] is None else f"{g['mean_nll']:.4f}"
+    spread = "-" if g["spread"] is None else f"{g['spread']:.4f}"
+    lines.append(f"| {_md(g['cell'])} | {_md(g['label'])} | {g['status']} | {mean} "
+                 f"| {per_seed} | {spread} |")
+  return "\n".join(lines) + "\n"
+
+
 def plot(rows: Sequence[dict], title: str, path: str) -> None:
-  """Validation NLL against training FLOPs: one curve per cell, its last point marked (hollow
-  when the cell has not finished)."""
+  """Validation NLL against training FLOPs: one curve per run, its last point marked (hollow
+  when the run has not finished); the seeds of one cell share a colour, one line style each."""
   from matplotlib.figure import Figure  # no pyplot: renders with Agg, touches no global state
 
   fig = Figure(figsize=(7, 4.5), layout="constrained")
   ax = fig.subplots()
+  colors: dict[str, str] = {}
+  seen: dict[str, int] = {}
   for r in rows:
     points = [(f, nll) for f, nll in r["curve"] if f > 0]
     if not points:
       continue
     xs, ys = zip(*points, strict=True)
-    line, = ax.plot(xs, ys, ".-", alpha=0.7, label=f"{r['label']} ({r['status']})")
+    group, k = r["group"], seen.get(r["group"], 0)
+    seen[group] = k + 1
+    style = ("-", "--", ":", "-.")[k % 4]
+    label = r["label"] if r["group"] == r["cell"] else f"{r['label']} s{r['seed']}"
+    line, = ax.plot(xs, ys, marker=".", linestyle=style, alpha=0.7, color=colors.get(group),
+                    label=f"{label} ({r['status']})")
+    colors[group] = line.get_color()
     ax.plot(xs[-1:], ys[-1:], "o", markersize=8, color=line.get_color(),
             fillstyle="full" if r["status"] == "done" else "none")
   ax.set_xscale("log")
@@ -423,8 +485,12 @@ def report(cells: Sequence[Cell], cfgs: Sequence[mlc.ConfigDict], workdir: str,
     writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
+  seeded = any(r["group"] != r["cell"] for r in rows)
   with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(markdown_table(rows, title) + "\n![validation NLL against FLOPs](results.png)\n")
+    f.write(markdown_table(rows, title) + "\n")
+    if seeded:
+      f.write(seed_table(rows) + "\n")
+    f.write("![validation NLL against FLOPs](results.png)\n")
   plot(rows, title, os.path.join(workdir, "results.png"))
   return rows
 
@@ -451,13 +517,18 @@ def check_has_results(cells: Sequence[Cell], workdir: str) -> None:
 
 def main(config_spec: str, cfg: mlc.ConfigDict, workdir: str, *, argv: Sequence[str],
          index: int | None = None, list_cells: bool = False, emit: str | None = None,
-         results: bool = False) -> bool:
+         results: bool = False, seeds: Sequence[int] = ()) -> bool:
   """What `launch.py --sweep[_index|_list|_emit] / --report` does with the parsed config; False
-  when a cell it ran ended without a result (the launcher then exits with status 1)."""
+  when a cell it ran ended without a result (the launcher then exits with status 1). `seeds`
+  (--sweep_seeds) runs every cell once per seed (with_seeds); index and the lists count runs."""
   path, arg = parse_spec(config_spec)
-  cells = load_sweep(path, arg)
   name, extra = sweep_name(config_spec), config_args(argv)
   keep = {re.sub(r"^--(no)?config\.", "", a.split("=", 1)[0]) for a in extra}
+  if seeds and "seed" in keep:
+    raise config_lib.ConfigError("--sweep_seeds and --config.seed both set the seed; drop one")
+  cells = with_seeds(load_sweep(path, arg), seeds)
+  if seeds:
+    extra = [*extra, f"--sweep_seeds={','.join(map(str, seeds))}"]
   if list_cells:
     for i, cell in enumerate(cells):
       print(f"{i:>3}  {cell.name:<24} {cell_status(os.path.join(workdir, cell.name)):<12} "

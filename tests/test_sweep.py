@@ -305,3 +305,59 @@ def test_report_plans_the_steps_with_the_training_loops_function(tmp_path, monke
   assert rows[0]["planned_steps"] == 12345 and budgets == [TINY["train.flop_budget"]]
   assert "| 3/12345 |" in (tmp_path / "results.md").read_text()
   assert r"| a | A \| 2 layers | pending |" in (tmp_path / "results.md").read_text()
+
+
+# --- seeds ---------------------------------------------------------------------------------------
+
+
+def test_with_seeds_runs_every_cell_once_per_seed_seed_major():
+  cells = [sweep.Cell("a", "A", {"model.num_layers": 2}), sweep.Cell("b", "B", {})]
+  runs = sweep.with_seeds(cells, [0, 3])
+  assert [r.name for r in runs] == ["a_seed0", "b_seed0", "a_seed3", "b_seed3"]
+  assert [r.group for r in runs] == ["a", "b", "a", "b"]
+  assert runs[2].overrides == {"model.num_layers": 2, "seed": 3} and runs[2].label == "A"
+  assert cells[0].overrides == {"model.num_layers": 2}  # the cells themselves are untouched
+  assert sweep.with_seeds(cells, []) == cells
+  with pytest.raises(config_lib.ConfigError, match="distinct"):
+    sweep.with_seeds(cells, [1, 1])
+  with pytest.raises(config_lib.ConfigError, match=re.escape("cell 'c' sets config.seed itself")):
+    sweep.with_seeds([sweep.Cell("c", "C", {"seed": 2})], [0, 1])
+
+
+def test_seeded_report_tables_the_mean_each_seed_and_the_spread(tmp_path):
+  cells = sweep.with_seeds([sweep.Cell("a", "A | x", {}), sweep.Cell("b", "B", {})], [0, 1])
+  cfg = sweep.cell_config(tiny_config(), sweep.Cell("cli", "the command line", TINY))
+  cfgs = sweep.cell_configs(cfg, cells, str(tmp_path), "s", ())
+  assert [c.seed for c in cfgs] == [0, 0, 1, 1]
+  nll = {"a_seed0": 5.0, "b_seed0": 4.0, "a_seed1": 5.5}  # b_seed1 has not evaluated yet
+  for name, value in nll.items():
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "metrics.jsonl").write_text(
+        json.dumps({"kind": "valid", "step": 3, "nll": value}) + "\n")
+  rows = sweep.report(cells, cfgs, str(tmp_path), "t")
+  assert [(r["group"], r["seed"]) for r in rows] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+  groups = {g["cell"]: g for g in sweep.seed_rows(rows)}
+  assert groups["a"]["mean_nll"] == pytest.approx(5.25)
+  assert groups["a"]["spread"] == pytest.approx(0.5)
+  assert groups["b"]["mean_nll"] == 4.0 and groups["b"]["spread"] is None
+  md = (tmp_path / "results.md").read_text()
+  assert r"| a | A \| x | partial | 5.2500 | s0: 5.0000, s1: 5.5000 | 0.5000 |" in md
+  assert "| b | B | partial | 4.0000 | s0: 4.0000, s1: - | - |" in md
+  assert read_csv(tmp_path / "results.csv")["a_seed1"]["group"] == "a"
+
+
+def test_sweep_seeds_through_launch_py(tmp_path, cache, env):
+  """--sweep_seeds lists (and emits) one run per cell and seed; bad lists fail with one line."""
+  args = [f"--workdir={tmp_path}", f"--config.data.cache_dir={cache / 'data'}"]
+  out = launch("--sweep_list", "--sweep_seeds=0,1", *args, env=env)
+  names = [line.split()[1] for line in out.splitlines() if re.match(r"\s*\d+\s", line)]
+  assert names == ["L2_6e11_seed0", "L4_6e11_seed0", "L2_6e11_seed1", "L4_6e11_seed1"], out
+  launch("--sweep_emit=slurm", "--sweep_seeds=0,1", *args, env=env)
+  script = (tmp_path / "sweep.slurm").read_text()
+  assert "#SBATCH --array=0-3" in script and "--sweep_seeds=0,1" in script
+  for bad, needle in ((["--sweep_list", "--sweep_seeds=0,x"], "--sweep_seeds=0,x: expected"),
+                      (["--sweep_list", "--sweep_seeds=0,1", "--config.seed=4"],
+                       "--sweep_seeds and --config.seed both set the seed"),
+                      (["--sweep_seeds=0,1"], "--sweep_seeds: only for a sweep")):
+    out = launch(*bad, *args, env=env, check=False)
+    assert out.strip().splitlines()[-1].startswith("error: ") and needle in out, out

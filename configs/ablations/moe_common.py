@@ -34,7 +34,8 @@ def steps_at(cfg: mlc.ConfigDict, overrides: dict, budget: float) -> int:
 
 
 def seeded_cells(rows: list[tuple[str, str, dict]], budget: float) -> list[sweep.Cell]:
-  """Each (name, label, overrides) row at `budget` FLOPs, once per seed: <name>_s<seed>."""
-  return [sweep.Cell(name=f"{name}_s{seed}", label=f"{label} | seed {seed}",
-                     overrides=dict(overrides, **{"seed": seed, "train.flop_budget": budget}))
-          for name, label, overrides in rows for seed in SEEDS]
+  """Each (name, label, overrides) row at `budget` FLOPs, once per seed (sweep.with_seeds):
+  runs <name>_seed<k>, grouped under <name> in the report's table over seeds."""
+  cells = [sweep.Cell(name, label, dict(overrides, **{"train.flop_budget": budget}))
+           for name, label, overrides in rows]
+  return sweep.with_seeds(cells, SEEDS)
