@@ -134,6 +134,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.data.prefetch = 8  # grain prefetch buffer (batches)
   c.data.worker_count = 0  # grain multiprocessing workers (0: in-process)
   c.data.seed = -1  # seed of the training-document shuffle only (-1: follow config.seed)
+  c.data.shuffle_window = 1024  # training rows shuffled in windows of this many rows (0: off)
   c.data.positions = "document"  # document: restart at 0 at each document | row: 0..T-1 (MoR code)
   c.data.score_boundary_targets = False  # True: score the target across a document boundary too
   c.data.row_length = "T+1"  # tokens packed per row: T+1 (T targets) | T (MoR code: T-1 targets)

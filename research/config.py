@@ -260,6 +260,8 @@ def validate_data(cfg: mlc.ConfigDict) -> None:
            "must be 'bpe', a tokenizer.json file, or a directory holding one")
   _check(d.num_threads >= 1, "data.num_threads", d.num_threads, "must be >= 1")
   _check(d.seed >= -1, "data.seed", d.seed, "must be >= 0, or -1 to follow config.seed")
+  _check(d.shuffle_window >= 0, "data.shuffle_window", d.shuffle_window,
+         "must be >= 0 (0: packed rows in document order)")
   _one_of(cfg, "data.positions", ("document", "row"))
   _one_of(cfg, "data.row_length", ("T+1", "T"))
   if d.score_boundary_targets:

@@ -176,6 +176,7 @@ def make_dataset(
   score_boundary_targets: bool = False,
   row_length: str = "T+1",
   drop_remainder: bool = True,
+  shuffle_window: int = 0,
 ) -> grain.IterDataset:
   """Packed LM batches of this host's shard of `docs`; `iter()` gives a checkpointable iterator
   whose state survives a JSON round trip exactly (TypedStateIterator).
@@ -185,7 +186,9 @@ def make_dataset(
   drops the documents a reader gives as None (readers.open_documents with skip_bad).
   `positions`, `score_boundary_targets` and `row_length` (docs/data.md): see ToBatch; batches
   are [batch_size, seq_len + 1] either way. `drop_remainder=False`
-  (with repeat=False) keeps the last, smaller batch.
+  (with repeat=False) keeps the last, smaller batch. `shuffle_window` > 0 (with shuffle) permutes
+  the packed rows in consecutive windows of that many rows, so a batch mixes documents instead of
+  holding consecutive rows of one long document (docs/data.md "Shuffling").
   """
   ds = grain.MapDataset.source(docs)
   if shuffle:
@@ -201,6 +204,8 @@ def make_dataset(
     raise ValueError(f"row_length={row_length!r}: expected one of {ROW_LENGTHS}")
   row = seq_len + 1 if row_length == "T+1" else seq_len
   it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": row})
+  if shuffle and shuffle_window > 0:
+    it = grain.experimental.WindowShuffleIterDataset(it, window_size=shuffle_window, seed=seed)
   it = it.batch(batch_size, drop_remainder=drop_remainder).map(
       ToBatch(positions, one_segment=score_boundary_targets, pad_column=row_length == "T"))
   if worker_count > 0:

@@ -47,7 +47,7 @@ ERROR_LOG = "errors.log"  # <workdir>/errors.log: full tracebacks of checkpoint 
 # Config sections whose change makes an existing workdir's checkpoints meaningless.
 RUN_DEFINING = ("seed", "data.seed", "model", "data.source", "data.train_files", "data.valid_files",
                 "data.text_key", "data.valid_fraction", "data.split_seed", "data.seq_len",
-                "data.tokenizer", "data.bpe_vocab_size", "train.batch_size")
+                "data.tokenizer", "data.bpe_vocab_size", "data.shuffle_window", "train.batch_size")
 
 # Model keys read only when decoding (research/model/early_exit.py): not run-defining.
 DECODE_ONLY = ("model.recursion.exit_threshold",)
@@ -208,7 +208,8 @@ def make_iterator(run: Run, docs, *, train: bool, repeat: bool = True):
       process_count=jax.process_count(), num_threads=cfg.data.num_threads,
       prefetch=cfg.data.prefetch, worker_count=cfg.data.worker_count if train else 0,
       skip_bad_records=cfg.data.skip_bad_records, positions=cfg.data.positions,
-      score_boundary_targets=cfg.data.score_boundary_targets, row_length=cfg.data.row_length)
+      score_boundary_targets=cfg.data.score_boundary_targets, row_length=cfg.data.row_length,
+      shuffle_window=cfg.data.shuffle_window)
   return iter(ds)
 
 
