@@ -152,7 +152,7 @@ def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
 NO_FORK = os.environ.get("LAUNCH_UTIL_NO_FORK", "") not in ("", "0")
 # Set in the child, but no reason for a server of its own: pytest's name of the running test.
 VOLATILE = ("PYTEST_CURRENT_TEST",)
-MAX_SERVERS = 4  # servers alive at once per test process (each holds ~0.5 GB of imports)
+MAX_SERVERS = 4  # servers alive at once per test process (each holds ~0.3 GB of imports)
 
 
 def python_popen(args: list[str], *, env: dict[str, str], stdout: str, stderr: str,
