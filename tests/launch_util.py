@@ -7,6 +7,8 @@
 
 Every run shares the BPE cache and a JAX persistent compilation cache under the shared directory,
 so the tokenizer is trained once and each distinct step function compiles once per session.
+The processes are forked from a server with launch.py's imports done (python_popen, python_run;
+LAUNCH_UTIL_NO_FORK=1: plain subprocesses), which saves ~3.5 s of each one's start-up.
 """
 
 import atexit
