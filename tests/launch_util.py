@@ -7,13 +7,21 @@
 
 Every run shares the BPE cache and a JAX persistent compilation cache under the shared directory,
 so the tokenizer is trained once and each distinct step function compiles once per session.
+The processes are forked from a server with launch.py's imports done (python_popen, python_run;
+LAUNCH_UTIL_NO_FORK=1: plain subprocesses), which saves ~3.5 s of each one's start-up.
 """
 
+import atexit
+import contextlib
 import dataclasses
 import json
 import os
+import queue
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,22 +76,21 @@ class Launcher:
   def run(self, workdir: str | os.PathLike, overrides: dict | None = None, *,
           env: dict | None = None, timeout: float = 300, config: str | None = None) -> Result:
     """Runs to completion and returns the exit status, output and metrics."""
-    p = subprocess.run(self.command(workdir, overrides, config=config), cwd=REPO,
-                       env=self.env(env),
-                       capture_output=True, text=True, timeout=timeout, check=False)
+    p = python_run(self.command(workdir, overrides, config=config)[1:], env=self.env(env),
+                   timeout=timeout)
     return Result(p.returncode, p.stdout, p.stderr, read_metrics(workdir))
 
   def start(self, workdir: str | os.PathLike, overrides: dict | None = None, *,
-            env: dict | None = None) -> subprocess.Popen:
+            env: dict | None = None) -> "subprocess.Popen | ForkedProcess":
     """Starts a run in the background (output in <workdir>.out / <workdir>.err)."""
     workdir = os.fspath(workdir)
     os.makedirs(os.path.dirname(workdir), exist_ok=True)
-    with open(f"{workdir}.out", "w") as out, open(f"{workdir}.err", "w") as err:
-      return subprocess.Popen(self.command(workdir, overrides), cwd=REPO, env=self.env(env),
-                              stdout=out, stderr=err)
+    return python_popen(self.command(workdir, overrides)[1:], env=self.env(env),
+                        stdout=f"{workdir}.out", stderr=f"{workdir}.err")
 
 
-def finish(proc: subprocess.Popen, workdir: str | os.PathLike, timeout: float = 300) -> Result:
+def finish(proc: "subprocess.Popen | ForkedProcess", workdir: str | os.PathLike,
+           timeout: float = 300) -> Result:
   """Waits for a process from Launcher.start and collects it like Launcher.run."""
   workdir = os.fspath(workdir)
   proc.wait(timeout=timeout)
@@ -91,7 +98,7 @@ def finish(proc: subprocess.Popen, workdir: str | os.PathLike, timeout: float = 
     return Result(proc.returncode, out.read(), err.read(), read_metrics(workdir))
 
 
-def wait_for_step(proc: subprocess.Popen, workdir: str | os.PathLike, step: int,
+def wait_for_step(proc: "subprocess.Popen | ForkedProcess", workdir: str | os.PathLike, step: int,
                   timeout: float = 120) -> int:
   """Polls metrics.jsonl until a train record with step >= `step` appears; returns that step."""
   deadline = time.monotonic() + timeout
@@ -126,3 +133,231 @@ def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
   """Finalized checkpoint steps in <workdir>/checkpoints."""
   root = os.path.join(os.fspath(workdir), "checkpoints")
   return sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+
+
+# --- processes: forked from a warm server, or plain subprocesses ------------------------------
+#
+# A `python launch.py` child spends ~4 s importing jax, flax, orbax and grain. A fork server (one
+# per distinct environment, started on first use) imports launch.py's modules once, without
+# initialising a JAX backend (the only thread the imports start is pyarrow's jemalloc background
+# thread, which jemalloc's fork handlers cover), and forks one child per run: the child sets argv,
+# env, cwd and stdio, then runs the script with runpy as `python script ...` would, so the exit
+# status (SystemExit, an uncaught exception, a signal) is the interpreter's own. The server's
+# environment is the run's (but for VOLATILE variables, set in the child), so whatever modules
+# read from it at import time (jax's config flags) is the same. The child is a child of the
+# server, not of the test: ForkedProcess gets its exit status from the server and signals it by
+# pid. Differences from a fresh interpreter: the hash seed is the server's (the same in every
+# child) and no import-time warning reaches the child's stderr.
+#
+# LAUNCH_UTIL_NO_FORK=1 runs every command as a plain subprocess, to compare the two.
+
+NO_FORK = os.environ.get("LAUNCH_UTIL_NO_FORK", "") not in ("", "0")
+# Set in the child, but no reason for a server of its own: pytest's name of the running test.
+VOLATILE = ("PYTEST_CURRENT_TEST",)
+MAX_SERVERS = 4  # servers alive at once per test process (each holds ~0.3 GB of imports)
+
+
+def python_popen(args: list[str], *, env: dict[str, str], stdout: str, stderr: str,
+                 cwd: str = REPO) -> "subprocess.Popen | ForkedProcess":
+  """Starts `python script.py ...` (`args` without sys.executable), its stdout and stderr written
+  to the files `stdout` and `stderr` (the same path: interleaved, like stderr=STDOUT)."""
+  if NO_FORK or not args[0].endswith(".py"):
+    with open(stdout, "w") as out:
+      err = open(stderr, "w") if stderr != stdout else None
+      with err or out:
+        return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env,
+                                stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=err or subprocess.STDOUT)
+  return _server(env).spawn(args, env=env, cwd=cwd, stdout=stdout, stderr=stderr)
+
+
+def python_run(args: list[str], *, env: dict[str, str], timeout: float,
+               cwd: str = REPO) -> subprocess.CompletedProcess:
+  """subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout)
+  through python_popen: kills the process and raises TimeoutExpired after `timeout` seconds."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+    proc = python_popen(args, env=env, stdout=out, stderr=err, cwd=cwd)
+    try:
+      proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+      raise
+    with open(out) as o, open(err) as e:
+      return subprocess.CompletedProcess(args, proc.returncode, o.read(), e.read())
+
+
+class ForkedProcess:
+  """The Popen methods the tests use, for a child of a fork server."""
+
+  def __init__(self, pid: int):
+    self.pid, self.args, self.returncode = pid, None, None
+    self._done, self._lost = threading.Event(), False
+
+  def _exited(self, code: int | None) -> None:  # the server's reader thread
+    self.returncode, self._lost = code, code is None
+    self._done.set()
+
+  def poll(self) -> int | None:
+    return self.returncode
+
+  def wait(self, timeout: float | None = None) -> int:
+    if not self._done.wait(timeout):
+      raise subprocess.TimeoutExpired(self.args, timeout)
+    if self._lost:
+      raise RuntimeError(f"the fork server of pid {self.pid} died; its exit status is lost")
+    return self.returncode
+
+  def send_signal(self, sig: int) -> None:
+    if self.returncode is None:
+      with contextlib.suppress(ProcessLookupError):  # exited, not reported yet (like Popen)
+        os.kill(self.pid, sig)
+
+  def terminate(self) -> None:
+    self.send_signal(signal.SIGTERM)
+
+  def kill(self) -> None:
+    self.send_signal(signal.SIGKILL)
+
+
+class _Server:
+  """A `python -m tests.launch_util --serve` process and a thread that reads its replies."""
+
+  def __init__(self, env: dict[str, str]):
+    self._log = tempfile.TemporaryFile()  # the server's own stderr (an import error)
+    self._proc = subprocess.Popen([sys.executable, "-m", "tests.launch_util", "--serve"],
+                                  cwd=REPO, env=env, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=self._log)
+    self._lock = threading.Lock()  # one request at a time
+    self._started: queue.Queue[ForkedProcess | None] = queue.Queue()
+    self._children: dict[int, ForkedProcess] = {}
+    if self._proc.stdout.readline() != b"ready\n":
+      self._proc.wait()
+      self._log.seek(0)
+      raise RuntimeError(f"the fork server failed to start:\n{self._log.read().decode()}")
+    threading.Thread(target=self._read, daemon=True).start()
+
+  def spawn(self, args: list[str], *, env: dict[str, str], cwd: str, stdout: str,
+            stderr: str) -> ForkedProcess:
+    request = {"argv": args, "env": env, "cwd": cwd, "stdout": stdout, "stderr": stderr}
+    with self._lock:
+      self._proc.stdin.write(json.dumps(request).encode() + b"\n")
+      self._proc.stdin.flush()
+      child = self._started.get(timeout=60)
+    if child is None:
+      raise RuntimeError("the fork server died")
+    child.args = [sys.executable, *args]
+    return child
+
+  def _read(self) -> None:
+    for line in self._proc.stdout:
+      message = json.loads(line)
+      if "pid" in message:  # registered here, before its exit can be read
+        self._children[message["pid"]] = child = ForkedProcess(message["pid"])
+        self._started.put(child)
+      else:
+        self._children.pop(message["exit"])._exited(message["code"])
+    for child in self._children.values():
+      child._exited(None)
+    self._started.put(None)
+
+  def close(self, timeout: float | None = None) -> None:
+    """No more requests: the server exits once its running children have."""
+    with contextlib.suppress(OSError):
+      self._proc.stdin.close()
+    if timeout is not None:
+      try:
+        self._proc.wait(timeout)
+      except subprocess.TimeoutExpired:
+        self._proc.kill()
+
+
+_servers: dict[tuple, _Server] = {}  # by environment, least recently used first
+_servers_lock = threading.Lock()
+
+
+def _server(env: dict[str, str]) -> _Server:
+  key = tuple(sorted((k, v) for k, v in env.items() if k not in VOLATILE))
+  with _servers_lock:
+    server = _servers.pop(key, None) or _Server(env)
+    _servers[key] = server
+    while len(_servers) > MAX_SERVERS:
+      _servers.pop(next(iter(_servers))).close()
+    return server
+
+
+@atexit.register
+def _close_servers() -> None:
+  for server in _servers.values():
+    server.close(timeout=10)
+
+
+def _serve() -> dict:
+  """The server's loop: forks a child per request line on stdin and writes `{"pid": n}` and,
+  once the child has exited, `{"exit": n, "code": returncode}` to stdout. Returns the request in
+  the child; exits once stdin is closed and every child has exited."""
+  import ast
+  import importlib
+  import select
+
+  with open(os.path.join(REPO, "launch.py")) as f:  # launch.py's imports: the ~4 s to save
+    for node in ast.parse(f.read()).body:
+      if isinstance(node, ast.Import | ast.ImportFrom):
+        for alias in node.names:
+          module = f"{node.module}.{alias.name}" if isinstance(node, ast.ImportFrom) else alias.name
+          with contextlib.suppress(ImportError):  # `from x import function`
+            importlib.import_module(module)
+  from jax._src import xla_bridge
+  assert not getattr(xla_bridge, "_backends", None), "an import initialised a JAX backend"
+  os.write(1, b"ready\n")
+  children: dict[int, int] = {}  # pidfd -> pid
+  pending, reading = b"", True
+  while reading or children:
+    ready, _, _ = select.select([0] * reading + list(children), [], [])
+    for fd in ready:
+      if fd != 0:
+        pid = children.pop(fd)
+        os.close(fd)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        os.write(1, json.dumps({"exit": pid, "code": code}).encode() + b"\n")
+    if 0 in ready:
+      data = os.read(0, 1 << 16)
+      reading, pending = bool(data), pending + data
+      while b"\n" in pending:
+        line, pending = pending.split(b"\n", 1)
+        pid = os.fork()
+        if pid == 0:
+          for fd in children:
+            os.close(fd)
+          return json.loads(line)
+        children[os.pidfd_open(pid)] = pid
+        os.write(1, json.dumps({"pid": pid}).encode() + b"\n")
+  sys.exit(0)
+
+
+def _exec(request: dict) -> None:
+  """In a forked child: become `python <argv>` with the requested cwd and stdio, and run it."""
+  import runpy
+
+  flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+  out = os.open(request["stdout"], flags)
+  err = out if request["stderr"] == request["stdout"] else os.open(request["stderr"], flags)
+  null = os.open(os.devnull, os.O_RDONLY)
+  for fd, target in ((null, 0), (out, 1), (err, 2)):
+    os.dup2(fd, target)
+  for fd in {null, out, err}:
+    os.close(fd)
+  os.chdir(request["cwd"])
+  os.environ.clear()
+  os.environ.update(request["env"])
+  if "numpy" in sys.modules:  # a fresh process seeds numpy's global generator from the OS
+    sys.modules["numpy"].random.seed()
+  script = request["argv"][0]
+  sys.argv = list(request["argv"])
+  sys.path[0] = os.path.dirname(os.path.abspath(script))
+  runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
+  _exec(_serve())

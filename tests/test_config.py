@@ -4,8 +4,6 @@ import glob
 import importlib
 import os
 import re
-import subprocess
-import sys
 import time
 
 import pytest
@@ -13,6 +11,7 @@ from flax import nnx
 
 from research import config as config_lib
 from research.model.lm import LanguageModel
+from tests import launch_util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(
@@ -70,8 +69,7 @@ def test_unknown_preset_is_refused():
 
 def run_launch(*args):
   t0 = time.time()
-  proc = subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True,
-                        text=True, timeout=120)
+  proc = launch_util.python_run(["launch.py", *args], env=dict(os.environ), timeout=120, cwd=ROOT)
   return proc, time.time() - t0
 
 

@@ -9,7 +9,6 @@ streams (this file is its worker: `python tests/test_distributed.py '<json job>'
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 from research.train import mesh as mesh_lib
+from tests import launch_util
 
 REPO = Path(__file__).resolve().parents[1]
 PROCESSES, LOCAL_DEVICES = 2, 2
@@ -53,20 +53,22 @@ def launch_two_processes(workdir: Path, overrides: dict, config: str = "configs/
   """Runs launch.py as processes 0 and 1 of one jax.distributed job; returns their stdouts."""
   port = free_port()
   flags = [f"--config.{k}={v}" for k, v in overrides.items()]
-  procs = [subprocess.Popen(
-      [sys.executable, "launch.py", f"--config={config}", f"--workdir={workdir}",
+  logs = [(f"{workdir}.{i}.out", f"{workdir}.{i}.err") for i in range(PROCESSES)]
+  procs = [launch_util.python_popen(
+      ["launch.py", f"--config={config}", f"--workdir={workdir}",
        *flags, "--config.distributed.enabled=yes",
        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
        f"--config.distributed.num_processes={PROCESSES}", f"--config.distributed.process_id={i}"],
-      cwd=REPO, env=env(LOCAL_DEVICES), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(PROCESSES)]
+      env=env(LOCAL_DEVICES), stdout=out, stderr=err) for i, (out, err) in enumerate(logs)]
   try:
-    outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    for p in procs:
+      p.wait(timeout=TIMEOUT)
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
         p.wait()
+  outputs = [(Path(out).read_text(), Path(err).read_text()) for out, err in logs]
   for i, (p, (_, err)) in enumerate(zip(procs, outputs, strict=True)):
     assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{err[-3000:]}"
   return [out for out, _ in outputs]
@@ -79,8 +81,7 @@ def runs(tmp_path_factory) -> dict:
   # The reference goes first: it trains the BPE tokenizer the launches reuse.
   job = {"overrides": overrides, "workdir": str(tmp / "reference"), "steps": TOTAL,
          "eval_at": [FIRST, TOTAL]}
-  proc = subprocess.run([sys.executable, __file__, json.dumps(job)], cwd=REPO, env=env(1),
-                        capture_output=True, text=True, timeout=TIMEOUT)
+  proc = launch_util.python_run([__file__, json.dumps(job)], env=env(1), timeout=TIMEOUT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   reference = json.loads(proc.stdout.strip().splitlines()[-1])
   workdir = tmp / "run"
@@ -134,8 +135,7 @@ def test_expert_axis_across_processes_matches_one_process(tmp_path):
   overrides = dict(TINY, **EP_MOE, **{"data.cache_dir": str(tmp_path / "cache")})
   job = {"overrides": overrides, "workdir": str(tmp_path / "reference"), "steps": EP_STEPS,
          "eval_at": [EP_STEPS], "config": "moe"}
-  proc = subprocess.run([sys.executable, __file__, json.dumps(job)], cwd=REPO, env=env(1),
-                        capture_output=True, text=True, timeout=TIMEOUT)
+  proc = launch_util.python_run([__file__, json.dumps(job)], env=env(1), timeout=TIMEOUT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   reference = json.loads(proc.stdout.strip().splitlines()[-1])
   workdir = tmp_path / "run"

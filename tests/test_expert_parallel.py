@@ -20,6 +20,7 @@ import pytest
 
 from research import config as config_lib
 from research.model import expert_parallel
+from tests import launch_util
 from tests.model_util import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,8 +44,7 @@ TOL = 1e-5
 def python(args: list[str], *, devices: int, timeout: float) -> subprocess.CompletedProcess:
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  return launch_util.python_run(args, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ HF Llama checkpoint, then reported."""
 import csv
 import json
 import os
-import subprocess
 
 import ml_collections as mlc
 import pytest
@@ -128,9 +127,8 @@ def test_one_cell_trains_from_the_checkpoint_and_reports(spec, index, rank, chec
   overrides = {"model.init_from": checkpoint, "model.num_layers": 4, "train.steps": 3,
                "train.warmup_steps": 1, "checkpoint.async_save": False}
   command = launcher.command(tmp_path, overrides)
-  result = subprocess.run([*command, f"--sweep_index={index}"], cwd=launch_util.REPO,
-                          env=launcher.env(), capture_output=True, text=True, timeout=600,
-                          check=False)
+  result = launch_util.python_run([*command[1:], f"--sweep_index={index}"], env=launcher.env(),
+                                  timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
   cells = sweep.load_sweep(*sweep.parse_spec(spec))
   cell = cells[index]

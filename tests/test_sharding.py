@@ -18,6 +18,7 @@ import pytest
 
 from research.config import ConfigError
 from research.train import mesh as mesh_lib
+from tests import launch_util
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -37,8 +38,7 @@ def python(args: list[str], *, devices: int, timeout: float) -> subprocess.Compl
   """Runs `python args` from the repo root on `devices` simulated CPU devices."""
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  return launch_util.python_run(args, env=env, timeout=timeout)
 
 
 def run_worker(job: dict, *, devices: int) -> dict:

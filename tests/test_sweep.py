@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -17,6 +16,7 @@ from configs.ablations import vanilla_depth
 from research import config as config_lib
 from research import sweep
 from research.train import loop
+from tests import launch_util
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH_PY = "launch.py"
@@ -36,8 +36,7 @@ def tiny_config():
 
 
 def launch(*args: str, env: dict, check: bool = True) -> str:
-  r = subprocess.run([sys.executable, LAUNCH_PY, f"--config={SPEC}", *args], cwd=REPO, env=env,
-                     capture_output=True, text=True, timeout=300)
+  r = launch_util.python_run([LAUNCH_PY, f"--config={SPEC}", *args], env=env, timeout=300)
   out = r.stdout + r.stderr
   assert not check or r.returncode == 0, out
   return out
@@ -194,18 +193,19 @@ def test_tiny_sweep_runs_resumes_and_reports(tmp_path, cache, env):
 
   # Run the sweep; stop it with SIGTERM once the second cell has evaluated and checkpointed
   # step 4.
-  proc = subprocess.Popen([sys.executable, LAUNCH_PY, f"--config={SPEC}", "--sweep", *args],
-                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+  log = str(tmp_path / "sweep.log")  # stdout and stderr
+  proc = launch_util.python_popen([LAUNCH_PY, f"--config={SPEC}", "--sweep", *args], env=env,
+                                  stdout=log, stderr=log)
   deadline = time.time() + 240
   ckpt = second / "checkpoints"
   while not (ckpt.is_dir() and any(p.name.isdigit() and int(p.name) >= 4
                                     for p in ckpt.iterdir())):
-    assert proc.poll() is None, proc.stdout.read()
+    assert proc.poll() is None, open(log).read()
     assert time.time() < deadline, "the second cell never checkpointed"
     time.sleep(0.02)
   proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=120)
+  proc.wait(timeout=120)
+  out = open(log).read()
   assert proc.returncode == 0, out
   assert "sweep stopped in cell L4_6e11" in out
   assert sweep.cell_status(str(first)) == "done"
@@ -281,9 +281,8 @@ def test_report_refuses_a_workdir_where_no_cell_has_results(tmp_path, cache, env
     sweep.report(cells, cfgs, str(empty), "t")
   assert sorted(p.name for p in empty.iterdir()) == [cells[0].name]  # nothing written
 
-  r = subprocess.run([sys.executable, LAUNCH_PY, f"--config={SPEC}", "--report",
-                      f"--workdir={missing}", f"--config.data.cache_dir={cache / 'data'}"],
-                     cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  r = launch_util.python_run([LAUNCH_PY, f"--config={SPEC}", "--report", f"--workdir={missing}",
+                              f"--config.data.cache_dir={cache / 'data'}"], env=env, timeout=300)
   assert r.returncode != 0
   assert r.stderr.strip().splitlines()[-1].startswith(f"error: --workdir={missing}: no such"), (
       r.stderr)
