@@ -30,6 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
     "model.d_model": 32, "model.num_layers": 2, "model.num_heads": 2, "model.num_kv_heads": 1,
     "model.d_ff": 64, "data.seq_len": 32, "data.bpe_vocab_size": 512, "train.batch_size": 4,
+    "data.shuffle_window": 64,
     "train.eval_batches": 2, "train.eval_every": 0, "train.log_every": 1,
     "train.progress": False, "wandb.mode": "disabled",
 }

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {
     "model.d_model": 32, "model.num_layers": 2, "model.num_heads": 4, "model.num_kv_heads": 2,
     "model.d_ff": 64, "data.seq_len": 32, "train.batch_size": 8, "data.bpe_vocab_size": 512,
+    "data.shuffle_window": 64,
     "train.eval_batches": 2, "wandb.mode": "disabled", "train.progress": False,
     "train.log_every": 1,
 }

@@ -24,6 +24,7 @@ SPEC = "configs/ablations/vanilla_depth.py:tiny"
 # Tiny shapes for every cell; the budget gives the 4-layer cell 20 steps and the 2-layer one 40.
 TINY = {"model.d_model": 32, "model.num_heads": 2, "model.num_kv_heads": 1, "model.d_ff": 64,
         "data.seq_len": 32, "train.batch_size": 4, "data.bpe_vocab_size": 512,
+        "data.shuffle_window": 64,
         "train.flop_budget": 2.31e8, "train.warmup_steps": 1, "train.eval_every": 4,
         "train.eval_batches": 2, "train.log_every": 1, "checkpoint.every": 2,
         "checkpoint.async_save": False, "train.progress": False, "wandb.mode": "disabled"}
