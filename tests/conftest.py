@@ -6,6 +6,11 @@ import os
 # (SVD, eigh) then stalls: 14 s instead of 0.5 s for the factorisations of one SmolLM2 layer.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+from tests import launch_util
+
+# Before JAX starts a backend: compile at -O0 (launch_util.TEST_XLA_FLAGS says why).
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {launch_util.TEST_XLA_FLAGS}".strip()
+
 import jax
 import pytest
 from flax import nnx

@@ -40,7 +40,7 @@ TIMEOUT = 240  # seconds per subprocess; a stuck collective fails the test inste
 
 def env(devices: int) -> dict:
   return dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+              XLA_FLAGS=launch_util.xla_flags(devices))
 
 
 def free_port() -> int:

@@ -43,7 +43,7 @@ TOL = 1e-5
 
 def python(args: list[str], *, devices: int, timeout: float) -> subprocess.CompletedProcess:
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=launch_util.xla_flags(devices))
   return launch_util.python_run(args, env=env, timeout=timeout)
 
 

@@ -38,7 +38,7 @@ LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
 def python(args: list[str], *, devices: int, timeout: float) -> subprocess.CompletedProcess:
   """Runs `python args` from the repo root on `devices` simulated CPU devices."""
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=launch_util.xla_flags(devices))
   return launch_util.python_run(args, env=env, timeout=timeout)
 
 
