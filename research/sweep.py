@@ -441,6 +441,48 @@ def seed_table(rows: Sequence[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def paired_rows(rows: Sequence[dict]) -> list[dict]:
+  """Each later group against the first (the table's reference cell), seed by seed: NLL(cell,
+  seed k) - NLL(reference, seed k) for the seeds both have. Seed k gives every cell the same data
+  order, so these differences cancel it; `sign` is "lower" or "higher" when every paired seed
+  agrees (two or more), "mixed" when they do not."""
+  groups: dict[str, dict[int, float | None]] = {}
+  labels: dict[str, str] = {}
+  for r in rows:
+    groups.setdefault(r["group"], {})[r["seed"]] = r["valid_nll"]
+    labels.setdefault(r["group"], r["label"])
+  names = list(groups)
+  if not names:
+    return []
+  ref = groups[names[0]]
+  out = []
+  for name in names[1:]:
+    diffs = {s: v - ref[s] for s, v in groups[name].items()
+             if v is not None and ref.get(s) is not None}
+    signs = {d < 0 for d in diffs.values()}
+    out.append(dict(cell=name, label=labels[name], reference=names[0], diffs=diffs,
+                    mean_diff=statistics.fmean(diffs.values()) if diffs else None,
+                    sign=("lower" if signs == {True} else "higher" if signs == {False} else "mixed")
+                    if len(diffs) > 1 else "-"))
+  return out
+
+
+def paired_table(rows: Sequence[dict]) -> str:
+  """paired_rows as markdown: each cell minus the reference cell, per seed, and their mean."""
+  pairs = paired_rows(rows)
+  ref = pairs[0]["reference"] if pairs else "-"
+  header = f"| Cell | Model | minus {_md(ref)} (mean) | per seed | every seed |"
+  lines = [f"## Paired by seed, against {_md(ref)}", "",
+           f"Each cell's validation NLL minus {_md(ref)}'s of the same seed (the same data "
+           "order). 'every seed': lower or higher when all paired seeds agree, else mixed.", "",
+           header, "|" + "---|" * header.count(" | ") + "---|"]
+  for p in pairs:
+    per_seed = ", ".join(f"s{s}: {d:+.4f}" for s, d in sorted(p["diffs"].items())) or "-"
+    mean = "-" if p["mean_diff"] is None else f"{p['mean_diff']:+.4f}"
+    lines.append(f"| {_md(p['cell'])} | {_md(p['label'])} | {mean} | {per_seed} | {p['sign']} |")
+  return "\n".join(lines) + "\n"
+
+
 def plot(rows: Sequence[dict], title: str, path: str) -> None:
   """Validation NLL against training FLOPs: one curve per run, its last point marked (hollow
   when the run has not finished); the seeds of one cell share a colour, one line style each."""
@@ -490,6 +532,7 @@ def report(cells: Sequence[Cell], cfgs: Sequence[mlc.ConfigDict], workdir: str,
     f.write(markdown_table(rows, title) + "\n")
     if seeded:
       f.write(seed_table(rows) + "\n")
+      f.write(paired_table(rows) + "\n")
     f.write("![validation NLL against FLOPs](results.png)\n")
   plot(rows, title, os.path.join(workdir, "results.png"))
   return rows

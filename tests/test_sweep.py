@@ -343,7 +343,23 @@ def test_seeded_report_tables_the_mean_each_seed_and_the_spread(tmp_path):
   md = (tmp_path / "results.md").read_text()
   assert r"| a | A \| x | partial | 5.2500 | s0: 5.0000, s1: 5.5000 | 0.5000 |" in md
   assert "| b | B | partial | 4.0000 | s0: 4.0000, s1: - | - |" in md
+  assert "| b | B | -1.0000 | s0: -1.0000 | - |" in md  # only seed 0 is paired
   assert read_csv(tmp_path / "results.csv")["a_seed1"]["group"] == "a"
+
+
+def test_paired_rows_difference_each_cell_from_the_first_seed_by_seed():
+  def row(group, seed, nll):
+    return dict(group=group, seed=seed, valid_nll=nll, label=group.upper())
+  rows = [row("ref", 0, 5.0), row("lo", 0, 4.5), row("mix", 0, 5.5), row("ref", 1, 4.0),
+          row("lo", 1, 3.9), row("mix", 1, 3.0), row("ref", 2, None), row("lo", 2, 1.0),
+          row("mix", 2, 9.0)]
+  pairs = {p["cell"]: p for p in sweep.paired_rows(rows)}
+  assert list(pairs) == ["lo", "mix"] and pairs["lo"]["reference"] == "ref"
+  assert pairs["lo"]["diffs"] == pytest.approx({0: -0.5, 1: -0.1})  # seed 2: no reference NLL
+  assert pairs["lo"]["mean_diff"] == pytest.approx(-0.3) and pairs["lo"]["sign"] == "lower"
+  assert pairs["mix"]["diffs"] == pytest.approx({0: 0.5, 1: -1.0})
+  assert pairs["mix"]["sign"] == "mixed"
+  assert "| lo | LO | -0.3000 | s0: -0.5000, s1: -0.1000 | lower |" in sweep.paired_table(rows)
 
 
 def test_sweep_seeds_through_launch_py(tmp_path, cache, env):
