@@ -16,6 +16,7 @@ import csv
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import re
 import shlex
@@ -444,8 +445,9 @@ def seed_table(rows: Sequence[dict]) -> str:
 def paired_rows(rows: Sequence[dict]) -> list[dict]:
   """Each later group against the first (the table's reference cell), seed by seed: NLL(cell,
   seed k) - NLL(reference, seed k) for the seeds both have. Seed k gives every cell the same data
-  order, so these differences cancel it; `sign` is "lower" or "higher" when every paired seed
-  agrees (two or more), "mixed" when they do not."""
+  order, so these differences cancel it. `se` is the standard error of their mean (sample
+  standard deviation / sqrt(n), two or more seeds); `sign` is "lower" or "higher" when every
+  paired seed agrees, "mixed" when they do not."""
   groups: dict[str, dict[int, float | None]] = {}
   labels: dict[str, str] = {}
   for r in rows:
@@ -462,6 +464,8 @@ def paired_rows(rows: Sequence[dict]) -> list[dict]:
     signs = {d < 0 for d in diffs.values()}
     out.append(dict(cell=name, label=labels[name], reference=names[0], diffs=diffs,
                     mean_diff=statistics.fmean(diffs.values()) if diffs else None,
+                    se=statistics.stdev(diffs.values()) / math.sqrt(len(diffs))
+                    if len(diffs) > 1 else None,
                     sign=("lower" if signs == {True} else "higher" if signs == {False} else "mixed")
                     if len(diffs) > 1 else "-"))
   return out
@@ -471,15 +475,20 @@ def paired_table(rows: Sequence[dict]) -> str:
   """paired_rows as markdown: each cell minus the reference cell, per seed, and their mean."""
   pairs = paired_rows(rows)
   ref = pairs[0]["reference"] if pairs else "-"
-  header = f"| Cell | Model | minus {_md(ref)} (mean) | per seed | every seed |"
+  header = f"| Cell | Model | minus {_md(ref)} (mean) | s.e. | per seed | every seed |"
   lines = [f"## Paired by seed, against {_md(ref)}", "",
            f"Each cell's validation NLL minus {_md(ref)}'s of the same seed (the same data "
-           "order). 'every seed': lower or higher when all paired seeds agree, else mixed.", "",
+           "order), their mean and its standard error (s.e.). 'every seed': lower or higher when "
+           "all paired seeds agree, else mixed. With n seeds, |mean| / s.e. above Student's t "
+           "for n - 1 degrees of freedom (4.30 for 3 seeds, 12.7 for 2) is a difference at the "
+           "95 % level.", "",
            header, "|" + "---|" * header.count(" | ") + "---|"]
   for p in pairs:
     per_seed = ", ".join(f"s{s}: {d:+.4f}" for s, d in sorted(p["diffs"].items())) or "-"
     mean = "-" if p["mean_diff"] is None else f"{p['mean_diff']:+.4f}"
-    lines.append(f"| {_md(p['cell'])} | {_md(p['label'])} | {mean} | {per_seed} | {p['sign']} |")
+    se = "-" if p["se"] is None else f"{p['se']:.4f}"
+    lines.append(f"| {_md(p['cell'])} | {_md(p['label'])} | {mean} | {se} | {per_seed} "
+                 f"| {p['sign']} |")
   return "\n".join(lines) + "\n"
 
 

@@ -343,7 +343,7 @@ def test_seeded_report_tables_the_mean_each_seed_and_the_spread(tmp_path):
   md = (tmp_path / "results.md").read_text()
   assert r"| a | A \| x | partial | 5.2500 | s0: 5.0000, s1: 5.5000 | 0.5000 |" in md
   assert "| b | B | partial | 4.0000 | s0: 4.0000, s1: - | - |" in md
-  assert "| b | B | -1.0000 | s0: -1.0000 | - |" in md  # only seed 0 is paired
+  assert "| b | B | -1.0000 | - | s0: -1.0000 | - |" in md  # only seed 0 is paired
   assert read_csv(tmp_path / "results.csv")["a_seed1"]["group"] == "a"
 
 
@@ -357,9 +357,11 @@ def test_paired_rows_difference_each_cell_from_the_first_seed_by_seed():
   assert list(pairs) == ["lo", "mix"] and pairs["lo"]["reference"] == "ref"
   assert pairs["lo"]["diffs"] == pytest.approx({0: -0.5, 1: -0.1})  # seed 2: no reference NLL
   assert pairs["lo"]["mean_diff"] == pytest.approx(-0.3) and pairs["lo"]["sign"] == "lower"
+  assert pairs["lo"]["se"] == pytest.approx(0.2)  # stdev(-0.5, -0.1) = 0.2828, / sqrt(2)
   assert pairs["mix"]["diffs"] == pytest.approx({0: 0.5, 1: -1.0})
   assert pairs["mix"]["sign"] == "mixed"
-  assert "| lo | LO | -0.3000 | s0: -0.5000, s1: -0.1000 | lower |" in sweep.paired_table(rows)
+  table = sweep.paired_table(rows)
+  assert "| lo | LO | -0.3000 | 0.2000 | s0: -0.5000, s1: -0.1000 | lower |" in table
 
 
 def test_sweep_seeds_through_launch_py(tmp_path, cache, env):
