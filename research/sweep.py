@@ -494,13 +494,15 @@ def paired_table(rows: Sequence[dict]) -> str:
 
 def plot(rows: Sequence[dict], title: str, path: str) -> None:
   """Validation NLL against training FLOPs: one curve per run, its last point marked (hollow
-  when the run has not finished); the seeds of one cell share a colour, one line style each."""
+  when the run has not finished); the seeds of one cell share a colour and one legend entry,
+  each seed its own line style; the legend sits outside the axes."""
   from matplotlib.figure import Figure  # no pyplot: renders with Agg, touches no global state
 
-  fig = Figure(figsize=(7, 4.5), layout="constrained")
+  fig = Figure(figsize=(10, 4.5), layout="constrained")
   ax = fig.subplots()
   colors: dict[str, str] = {}
   seen: dict[str, int] = {}
+  seeded = any(r["group"] != r["cell"] for r in rows)
   for r in rows:
     points = [(f, nll) for f, nll in r["curve"] if f > 0]
     if not points:
@@ -509,19 +511,19 @@ def plot(rows: Sequence[dict], title: str, path: str) -> None:
     group, k = r["group"], seen.get(r["group"], 0)
     seen[group] = k + 1
     style = ("-", "--", ":", "-.")[k % 4]
-    label = r["label"] if r["group"] == r["cell"] else f"{r['label']} s{r['seed']}"
+    label = None if k else r["label"] if seeded else f"{r['label']} ({r['status']})"
     line, = ax.plot(xs, ys, marker=".", linestyle=style, alpha=0.7, color=colors.get(group),
-                    label=f"{label} ({r['status']})")
+                    label=label)
     colors[group] = line.get_color()
     ax.plot(xs[-1:], ys[-1:], "o", markersize=8, color=line.get_color(),
             fillstyle="full" if r["status"] == "done" else "none")
   ax.set_xscale("log")
   ax.set_xlabel("training FLOPs (paper convention, forward only)")
   ax.set_ylabel("validation NLL")
-  ax.set_title(title)
+  ax.set_title(title + (" (line style: seed; hollow: not finished)" if seeded else ""))
   ax.grid(True, which="both", alpha=0.3)
   if ax.lines:
-    ax.legend(fontsize="small")
+    fig.legend(fontsize="small", loc="outside right upper")
   fig.savefig(path, dpi=120)
 
 
