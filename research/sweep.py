@@ -448,25 +448,22 @@ def paired_rows(rows: Sequence[dict]) -> list[dict]:
   order, so these differences cancel it. `se` is the standard error of their mean (sample
   standard deviation / sqrt(n), two or more seeds); `sign` is "lower" or "higher" when every
   paired seed agrees, "mixed" when they do not."""
-  groups: dict[str, dict[int, float | None]] = {}
-  labels: dict[str, str] = {}
-  for r in rows:
-    groups.setdefault(r["group"], {})[r["seed"]] = r["valid_nll"]
-    labels.setdefault(r["group"], r["label"])
+  groups = {g["cell"]: g for g in seed_rows(rows)}
   names = list(groups)
   if not names:
     return []
-  ref = groups[names[0]]
+  ref = dict(zip(groups[names[0]]["seeds"], groups[names[0]]["valid_nlls"], strict=True))
   out = []
   for name in names[1:]:
-    diffs = {s: v - ref[s] for s, v in groups[name].items()
+    g = groups[name]
+    diffs = {s: v - ref[s] for s, v in zip(g["seeds"], g["valid_nlls"], strict=True)
              if v is not None and ref.get(s) is not None}
-    signs = {d < 0 for d in diffs.values()}
-    out.append(dict(cell=name, label=labels[name], reference=names[0], diffs=diffs,
+    signs = {(d > 0) - (d < 0) for d in diffs.values()}  # a tie agrees with neither side
+    out.append(dict(cell=name, label=g["label"], reference=names[0], diffs=diffs,
                     mean_diff=statistics.fmean(diffs.values()) if diffs else None,
                     se=statistics.stdev(diffs.values()) / math.sqrt(len(diffs))
                     if len(diffs) > 1 else None,
-                    sign=("lower" if signs == {True} else "higher" if signs == {False} else "mixed")
+                    sign=("lower" if signs == {-1} else "higher" if signs == {1} else "mixed")
                     if len(diffs) > 1 else "-"))
   return out
 

@@ -9,7 +9,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from tests import launch_util
 
 # Before JAX starts a backend: compile at -O0 (launch_util.TEST_XLA_FLAGS says why).
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {launch_util.TEST_XLA_FLAGS}".strip()
+os.environ["XLA_FLAGS"] = launch_util.with_test_xla_flags(os.environ.get("XLA_FLAGS", ""))
 
 import jax
 import pytest

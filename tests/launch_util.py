@@ -33,6 +33,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 
+def with_test_xla_flags(flags: str) -> str:
+  """`flags` (an XLA_FLAGS value) with TEST_XLA_FLAGS appended, once."""
+  return flags if TEST_XLA_FLAGS in flags.split() else f"{flags} {TEST_XLA_FLAGS}".strip()
+
+
+def user_env() -> dict[str, str]:
+  """os.environ without TEST_XLA_FLAGS: what a user's process would see."""
+  env = dict(os.environ)
+  flags = [f for f in env.pop("XLA_FLAGS", "").split() if f != TEST_XLA_FLAGS]
+  if flags:
+    env["XLA_FLAGS"] = " ".join(flags)
+  return env
+
+
 def xla_flags(devices: int | None = None) -> str:
   """XLA_FLAGS for a test process: TEST_XLA_FLAGS, on `devices` simulated CPU devices."""
   count = f" --xla_force_host_platform_device_count={devices}" if devices else ""

@@ -65,7 +65,8 @@ def test_notebook_runs_with_nbconvert_from_the_repository_root(name, request, ve
                                                               tmp_path):
   workdir = request.getfixturevalue("moe_workdir" if name == "moe_routing.ipynb" else
                                     "mor_workdir")
-  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+  env = launch_util.user_env()  # not the tests' -O0
+  env.pop("PYTHONPATH", None)
   env.update(WORKDIR=os.path.relpath(workdir, ROOT), MPLBACKEND="Agg", JAX_PLATFORMS="cpu")
   # `jupyter nbconvert` run by the venv's python, so that the kernel is the venv's python too
   r = subprocess.run([venv_python, "-m", "nbconvert", "--to", "notebook", "--execute",

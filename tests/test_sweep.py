@@ -349,7 +349,7 @@ def test_seeded_report_tables_the_mean_each_seed_and_the_spread(tmp_path):
 
 def test_paired_rows_difference_each_cell_from_the_first_seed_by_seed():
   def row(group, seed, nll):
-    return dict(group=group, seed=seed, valid_nll=nll, label=group.upper())
+    return dict(group=group, seed=seed, valid_nll=nll, label=group.upper(), status="done")
   rows = [row("ref", 0, 5.0), row("lo", 0, 4.5), row("mix", 0, 5.5), row("ref", 1, 4.0),
           row("lo", 1, 3.9), row("mix", 1, 3.0), row("ref", 2, None), row("lo", 2, 1.0),
           row("mix", 2, 9.0)]

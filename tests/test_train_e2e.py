@@ -10,6 +10,7 @@ import pytest
 
 from configs import mor
 from research.data import corpus, tokenizer
+from tests import launch_util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +34,7 @@ def test_tiny_mor_pretraining_beats_the_unigram_model(tmp_path):
       [sys.executable, "launch.py", "--config=configs/mor.py:tiny", f"--workdir={workdir}",
        "--config.wandb.mode=disabled", "--config.train.progress=False"],
       cwd=ROOT, capture_output=True, text=True, timeout=1200,
-      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})  # not the tests' -O0
+      env=launch_util.user_env())  # not the tests' -O0
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "validation nll" in proc.stdout
   records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
