@@ -102,6 +102,10 @@ flags.DEFINE_multi_string("set", [], "dotted.key=value applied to every model's 
 flags.DEFINE_float("exit_threshold", 0.5, "recursive_exit: a token stops after a loop whose exit "
                    "puts at least this softmax probability on one token.", flag_values=FLAGS)
 flags.DEFINE_string("json", "", "Also write the result to this JSON file.", flag_values=FLAGS)
+flags.DEFINE_bool("edge_ab", False, "Also time each depth-wise model at the fixed B with one "
+                  "compiled edge size: all B slots, and ceil(B / sum_r c_r) (the expected exits "
+                  "per step at the capacities); against the per-step choice of the default.",
+                  flag_values=FLAGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,12 +290,24 @@ def serve_plan(name: str, model, s: Settings) -> tuple[str, str]:
   return "depthwise", ""
 
 
-def make_engine(model, kind: str, slots: int, s: Settings, profile: bool = False):
-  """The engine of `kind` at `slots` (prefill batches of up to 8 requests)."""
+def make_engine(model, kind: str, slots: int, s: Settings, profile: bool = False,
+                edge_sizes: Sequence[int] | None = None):
+  """The engine of `kind` at `slots` (prefill batches of up to 8 requests); `edge_sizes` for the
+  depth-wise engine (None: its default per-step choice)."""
   kw = dict(slots=slots, max_len=s.max_len, buckets=s.buckets, prefill_batch=min(slots, 8))
   if kind == "depthwise":
-    return engine_lib.DepthwiseEngine(model, compact=True, profile=profile, **kw)
+    return engine_lib.DepthwiseEngine(model, compact=True, profile=profile,
+                                      edge_sizes=edge_sizes, **kw)
   return engine_lib.Engine(model, profile=profile, **kw)
+
+
+def fixed_edges(model, slots: int) -> dict[str, tuple[int]]:
+  """--edge_ab's single edge sizes: every slot, and ceil(slots / sum_r c_r), the exits a step
+  makes on average when every step is filled to the capacities (the engine's default before the
+  per-step choice)."""
+  per_step = slots / sum(model.core.rule.capacity)  # 1 + 2/3 + 1/3 sums to 1.999...: round first
+  expected = max(1, min(slots, math.ceil(round(per_step, 6))))
+  return {f"edge={slots}": (slots,), f"edge={expected}": (expected,)}
 
 
 def serve_once(engine, requests: Sequence[engine_lib.Request]) -> tuple[float, list]:
@@ -311,8 +327,10 @@ def settings_from_flags() -> Settings:
 
 def benchmark(s: Settings, names: Sequence[str], workdirs: dict[str, str], train_dir: str,
               batch: int = 32, seed: int = 0, overrides: dict[str, Any] | None = None,
-              out: Callable[[str], Any] = print, exit_threshold: float = 0.5) -> dict[str, Any]:
-  """Trains or loads the models, builds their engines at B = batch and B = max, times them
+              out: Callable[[str], Any] = print, exit_threshold: float = 0.5,
+              edge_ab: bool = False) -> dict[str, Any]:
+  """Trains or loads the models, builds their engines at B = batch and B = max (and with
+  `edge_ab` the depth-wise ones at B = batch with single edge sizes, `fixed_edges`), times them
   round-robin; returns the result (rows as in the module docstring, plus the skipped models)."""
   names = ["vanilla", *[n for n in names if n != "vanilla"]]
   cache_dir = os.path.join(train_dir, "data")
@@ -336,7 +354,10 @@ def benchmark(s: Settings, names: Sequence[str], workdirs: dict[str, str], train
     model = lr.model
     kind, note = serve_plan(name, model, s)
     bmax = max_slots(model, kind, budget, s.max_len)
-    for setting, slots in (("fixed", batch), ("max", bmax)):
+    settings = [("fixed", batch, None), ("max", bmax, None)]
+    if edge_ab and kind == "depthwise":
+      settings += [(f"fixed, {k}", batch, e) for k, e in fixed_edges(model, batch).items()]
+    for setting, slots, edges in settings:
       info[(setting, name)] = dict(model=name, batch=slots, batch_setting=setting, engine=kind,
                                    note=note)
       if kind == "not served":
@@ -345,7 +366,8 @@ def benchmark(s: Settings, names: Sequence[str], workdirs: dict[str, str], train
         same[(setting, name)] = ("fixed", name)
         continue
       t0 = time.perf_counter()
-      engine = make_engine(model, kind, slots, s)
+      engine = make_engine(model, kind, slots, s, edge_sizes=edges)
+      info[(setting, name)]["edge_sizes"] = list(getattr(engine, "edge_sizes", ()))
       warm_up(engine, warm)
       info[(setting, name)]["compile_s"] = time.perf_counter() - t0
       runs[(setting, name)] = engine
@@ -398,7 +420,8 @@ def benchmark(s: Settings, names: Sequence[str], workdirs: dict[str, str], train
       row["mean_depth_decode"] = row["stats"]["block_rows"] / row["stats"]["edge_rows"]
     rows.append(row)
   order = {n: i for i, n in enumerate(MODELS)}
-  rows.sort(key=lambda r: (r["batch_setting"] != "fixed", order[r["model"]]))
+  rows.sort(key=lambda r: (r["batch_setting"] == "max", order[r["model"]],
+                           r["batch_setting"]))
   return {
       "settings": dataclasses.asdict(s), "max_len": s.max_len, "buckets": list(s.buckets),
       "requests": len(requests), "tokens": tokens, "backend": jax.default_backend(),
@@ -441,7 +464,8 @@ def main(argv: list[str], out: Callable[[str], Any] = print) -> None:
   s = settings_from_flags()
   with tempfile.TemporaryDirectory() as tmp:
     result = benchmark(s, FLAGS.models, workdirs, FLAGS.train_dir or tmp, FLAGS.batch,
-                       FLAGS.seed, parse_overrides(FLAGS.set), out, FLAGS.exit_threshold)
+                       FLAGS.seed, parse_overrides(FLAGS.set), out, FLAGS.exit_threshold,
+                       FLAGS.edge_ab)
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:
       json.dump(result, f, indent=1)

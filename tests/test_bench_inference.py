@@ -124,3 +124,15 @@ def test_table_and_json_rows_have_the_issue_schema(models, tmp_path):
   table = bench.format_table({"rows": rows}).splitlines()
   assert len(table) == 4 and table[2].startswith("| vanilla | 32 (fixed) | sequence | 100.0 |")
   assert "| recursive_exit | 32 (fixed) | not served | - | - | - |" in table[3]
+
+
+def test_edge_ab_sizes_are_all_slots_and_the_expected_exits(models):
+  """--edge_ab: one compiled edge of all B slots, and of ceil(B / sum_r c_r); the engine built
+  with them holds exactly that size."""
+  s = SETTINGS
+  assert sum(models["mor4"].core.rule.capacity) == pytest.approx(2.5)  # 1, 3/4, 1/2, 1/4
+  assert bench.fixed_edges(models["mor4"], 32) == {"edge=32": (32,), "edge=13": (13,)}
+  assert bench.fixed_edges(models["mor3"], 32) == {"edge=32": (32,), "edge=16": (16,)}
+  engine = bench.make_engine(models["mor3"], "depthwise", 32, s, edge_sizes=(16,))
+  assert engine.edge_sizes == (16,)
+  assert bench.make_engine(models["mor3"], "depthwise", 32, s).edge_sizes == (8, 16, 32)
