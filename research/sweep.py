@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import ml_collections as mlc
+import numpy as np
 from flax import nnx
 
 from research import config as config_lib
@@ -37,6 +38,14 @@ DONE = "done.json"  # written into a cell's workdir when its run has finished
 RESULT_COLUMNS = ("cell", "label", "group", "seed", "status", "non_embedding_params", "params",
                   "flops_per_token", "steps", "planned_steps", "tokens", "train_flops", "valid_nll",
                   "tokens_per_s")
+
+
+# Routing statistics the report tables when runs log them (research/model/mor.py, moe.py): MoR
+# expert choice's sampling accuracy per recursion step (Table 13 "Samp-Acc"), token choice's MaxVio
+# and mean-probability entropy (Table 14), the fraction of tokens per final depth, MoE's.
+ROUTER_STATS = ("mor/threshold_acc", "mor/maxvio", "mor/entropy", "mor/depth_frac",
+                "moe/max_violation", "moe/dropped")
+ROUTER_TAIL = 0.1  # the statistics are averaged over the last 10 % of a run's train records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,6 +342,19 @@ def param_counts(model_cfg: mlc.ConfigDict) -> tuple[int, int]:
   return total - embedding, total
 
 
+def router_stats(train: Sequence[dict], tail: float = ROUTER_TAIL) -> dict[str, list[float]]:
+  """Each ROUTER_STATS key the run logged: its mean over the last `tail` of the train records
+  (at least one), elementwise for vectors (per step, layer or depth). Training batches, not
+  the paper's validation samples."""
+  last = list(train[-max(1, math.ceil(tail * len(train))):])
+  out = {}
+  for key in ROUTER_STATS:
+    values = [np.ravel(np.asarray(r[key], np.float64)) for r in last if key in r]
+    if values:
+      out[key] = [float(v) for v in np.mean(values, axis=0)]
+  return out
+
+
 def collect(cells: Sequence[Cell], cfgs: Sequence[mlc.ConfigDict], workdir: str) -> list[dict]:
   """One row per cell: status, sizes, FLOPs (paper convention), tokens, NLL, throughput.
 
@@ -358,6 +380,7 @@ def collect(cells: Sequence[Cell], cfgs: Sequence[mlc.ConfigDict], workdir: str)
         non_embedding_params=non_emb, params=total, flops_per_token=per_token, steps=steps,
         planned_steps=loop.total_steps(cfg), tokens=tokens, train_flops=per_token * tokens,
         valid_nll=nll, tokens_per_s=statistics.median(speeds) if speeds else None,
+        router=router_stats(train),
         curve=[(r["step"] * cfg.train.batch_size * cfg.data.seq_len * per_token, r["nll"])
                for r in valid]))
   return rows
@@ -489,6 +512,36 @@ def paired_table(rows: Sequence[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _vector(values: Sequence[float]) -> str:
+  return " / ".join(f"{v:.3f}" for v in values)
+
+
+def router_table(rows: Sequence[dict]) -> str:
+  """The routing statistics per cell (mean over its seeds, each averaged over the last
+  ROUTER_TAIL of its train records); '' when no run logged any."""
+  keys = [k for k in ROUTER_STATS if any(k in r.get("router", {}) for r in rows)]
+  if not keys:
+    return ""
+  groups: dict[str, list[dict]] = {}
+  for r in rows:
+    groups.setdefault(r["group"], []).append(r)
+  header = "| Cell | Model | seeds | " + " | ".join(keys) + " |"
+  lines = ["## Router statistics", "",
+           f"Training batches, mean of each run's last {ROUTER_TAIL:.0%} of train records, then "
+           "over its seeds; vectors are per recursion step (threshold_acc), per final "
+           "depth 0..Nr (depth_frac) or per layer (moe/). Not the paper's validation samples.", "",
+           header, "|" + "---|" * header.count(" | ") + "---|"]
+  for name, runs in groups.items():
+    cells = []
+    for key in keys:
+      values = [r["router"][key] for r in runs if key in r.get("router", {})]
+      cells.append(_vector(np.mean(values, axis=0)) if values else "-")
+    seeds = sum(bool(r.get("router")) for r in runs)
+    lines.append(f"| {_md(name)} | {_md(runs[0]['label'])} | {seeds} | " + " | ".join(cells)
+                 + " |")
+  return "\n".join(lines) + "\n"
+
+
 def plot(rows: Sequence[dict], title: str, path: str) -> None:
   """Validation NLL against training FLOPs: one curve per run, its last point marked (hollow
   when the run has not finished); the seeds of one cell share a colour and one legend entry,
@@ -541,6 +594,9 @@ def report(cells: Sequence[Cell], cfgs: Sequence[mlc.ConfigDict], workdir: str,
     if seeded:
       f.write(seed_table(rows) + "\n")
       f.write(paired_table(rows) + "\n")
+    routers = router_table(rows)
+    if routers:
+      f.write(routers + "\n")
     f.write("![validation NLL against FLOPs](results.png)\n")
   plot(rows, title, os.path.join(workdir, "results.png"))
   return rows

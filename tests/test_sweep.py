@@ -379,3 +379,22 @@ def test_sweep_seeds_through_launch_py(tmp_path, cache, env):
                       (["--sweep_seeds=0,1"], "--sweep_seeds: only for a sweep")):
     out = launch(*bad, *args, env=env, check=False)
     assert out.strip().splitlines()[-1].startswith("error: ") and needle in out, out
+
+
+def test_report_tables_the_router_statistics_of_the_last_tenth_over_seeds(tmp_path):
+  """router_stats: each logged routing key averaged over the last 10 % of the train records;
+  router_table: the mean over a cell's seeds, vectors per entry; no table when none logged."""
+  train = [{"kind": "train", "step": s, "mor/threshold_acc": [s, 2 * s], "mor/depth_frac":
+            [0.5, 0.5], "loss": 1.0} for s in range(1, 21)]
+  got = sweep.router_stats(train)
+  assert got == {"mor/threshold_acc": [19.5, 39.0], "mor/depth_frac": [0.5, 0.5]}  # steps 19, 20
+  assert sweep.router_stats(train[:3]) == {"mor/threshold_acc": [3.0, 6.0],
+                                           "mor/depth_frac": [0.5, 0.5]}
+  rows = [dict(group="a", label="A | x", router={"mor/threshold_acc": [0.9, 0.8]}),
+          dict(group="a", label="A | x", router={"mor/threshold_acc": [0.7, 0.6]}),
+          dict(group="b", label="B", router={"mor/maxvio": [0.25]})]
+  table = sweep.router_table(rows)
+  assert "| Cell | Model | seeds | mor/threshold_acc | mor/maxvio |" in table
+  assert r"| a | A \| x | 2 | 0.800 / 0.700 | - |" in table
+  assert "| b | B | 1 | - | 0.250 |" in table
+  assert sweep.router_table([dict(group="c", label="C", router={})]) == ""
