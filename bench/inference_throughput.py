@@ -1,7 +1,7 @@
 """Decode throughput of MoR against vanilla through the inference engine (MoR paper Fig. 4a).
 
   python -m bench.inference_throughput [--quick] [--json=PATH] [--train_dir=DIR]
-      [--workdir=mor3=DIR ...] [--models=vanilla,mor3] [--requests=N] [--rounds=R]
+      [--workdir=mor3=DIR ...] [--models=vanilla,mor3] [--requests=N] [--rounds=R] [--edge_ab]
 
 Models, all of one unrolled depth L (`--layers`; L - 2 must divide by each Nr): vanilla (L untied
 layers) and middle-cycle MoR-2/3/4 (expert choice, recursion-wise KV caching), MoR-3 with KV
