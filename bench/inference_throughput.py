@@ -24,11 +24,13 @@ refuses is served by the
 sequence-wise engine only where that still batches it honestly (the `engine` column says which),
 and a model no engine serves as its method needs is listed as not served, with the reason.
 
-Timing: every engine compiles (a warm-up serve), then `--rounds` rounds each serve the whole
-request set once per (batch setting, model), round-robin in this one process; tokens/s is
+Timing: every engine compiles (every depth-wise edge size, then a warm-up serve), then
+`--rounds` rounds each serve the whole request set once per (batch setting, model), round-robin
+in this one process; tokens/s is
 generated tokens over wall time (host scheduling included), the median over rounds, and speedup is
 the median over rounds of the ratio to vanilla's tokens/s at the same batch setting in the same
-round. Mean depth is over every token run (prompts and generated tokens; vanilla 1), and for
+round; each row's `stats` (the engine's counters) are totals over the timed rounds. Mean depth
+is over every token run (prompts and generated tokens; vanilla 1), and for
 depth-wise rows also over the generated tokens fed back (block rows / edge rows). Vanilla's and
 MoR-3's rows at the fixed B also report where the time goes (prefill / decode, or prefill /
 core / exit / entry, and the host's rest), from one extra serve of a profiling engine.
@@ -221,11 +223,16 @@ def warm_requests(requests: Sequence[engine_lib.Request], buckets: Sequence[int]
 
 
 def warm_up(engine, warm: Sequence[engine_lib.Request]) -> None:
-  """Compiles every call the timed serves make: each warm request alone (one prefill bucket
-  each), twice (the first call's outputs carry the model's sharding: one more trace)."""
+  """Compiles every call the timed serves make: the depth-wise step at every edge size
+  (DepthwiseEngine.compile_steps; a serve may first reach one mid-round), then each warm request
+  alone (one prefill bucket each), twice (the first call's outputs carry the model's sharding:
+  one more trace). The stats restart: they count the timed serves only."""
+  if isinstance(engine, engine_lib.DepthwiseEngine):
+    engine.compile_steps()
   for _ in range(2):
     for r in warm:
       engine.serve([r])
+  engine.stats.clear()
 
 
 def cache_bytes(model, kind: str, slots: int, max_len: int) -> int:
@@ -310,6 +317,25 @@ def fixed_edges(model, slots: int) -> dict[str, tuple[int]]:
   return {f"edge={slots}": (slots,), f"edge={expected}": (expected,)}
 
 
+MAPS_PER_ENGINE = 3500  # memory maps one engine's executables took on XLA:CPU (2026-12-04 run)
+
+
+def check_map_limit(engines: int, out: Callable[[str], Any] = print,
+                    path: str = "/proc/sys/vm/max_map_count") -> None:
+  """Warns when this many compiled engines may pass the kernel's memory-map limit: on XLA:CPU
+  each executable maps its code in many pieces, and the 2026-12-04 run's 19 engines (plus 2
+  profiling ones) peaked near 65,000 maps, Linux's default vm.max_map_count (LLVM then fails
+  with 'Cannot allocate memory')."""
+  if jax.default_backend() != "cpu" or not os.path.exists(path):
+    return
+  with open(path) as f:
+    limit = int(f.read())
+  if limit < engines * MAPS_PER_ENGINE:
+    out(f"warning: up to {engines} engines may need about {engines * MAPS_PER_ENGINE} memory "
+        f"maps and vm.max_map_count is {limit}; if compiling fails with 'Cannot allocate "
+        "memory', raise it (sysctl -w vm.max_map_count=262144) or pass fewer --models")
+
+
 def serve_once(engine, requests: Sequence[engine_lib.Request]) -> tuple[float, list]:
   """(seconds, completions) of one serve of the request set."""
   t0 = time.perf_counter()
@@ -348,6 +374,7 @@ def benchmark(s: Settings, names: Sequence[str], workdirs: dict[str, str], train
   tokens = sum(r.max_new_tokens for r in requests)
   budget = cache_bytes(van.model, "sequence", batch, s.max_len)
   warm = warm_requests(requests, s.buckets)
+  check_map_limit(len(loaded) * (4 if edge_ab else 2) + 2, out)
   runs = {}  # (setting, name) -> engine; B = max equal to B: the B run's
   info, same = {}, {}
   for name, lr in loaded.items():
@@ -386,7 +413,6 @@ def benchmark(s: Settings, names: Sequence[str], workdirs: dict[str, str], train
     engine = make_engine(loaded[name].model, info[key]["engine"], info[key]["batch"], s,
                          profile=True)
     warm_up(engine, warm)
-    engine.stats.clear()
     sec, _ = serve_once(engine, requests)
     split = {k.split("/", 1)[1]: v for k, v in engine.stats.items() if k.startswith("time/")}
     split["host"] = sec - sum(split.values())

@@ -136,3 +136,17 @@ def test_edge_ab_sizes_are_all_slots_and_the_expected_exits(models):
   engine = bench.make_engine(models["mor3"], "depthwise", 32, s, edge_sizes=(16,))
   assert engine.edge_sizes == (16,)
   assert bench.make_engine(models["mor3"], "depthwise", 32, s).edge_sizes == (8, 16, 32)
+
+
+def test_map_limit_warning_names_the_sysctl_only_when_the_limit_is_low(tmp_path):
+  limit = tmp_path / "max_map_count"
+  for value, warns in ((65530, True), (262144, False)):
+    limit.write_text(f"{value}\n")
+    lines = []
+    bench.check_map_limit(21, lines.append, path=str(limit))
+    assert bool(lines) == warns
+    if warns:
+      assert lines[0].startswith("warning:") and "vm.max_map_count is 65530" in lines[0]
+  lines = []
+  bench.check_map_limit(21, lines.append, path=str(tmp_path / "absent"))
+  assert not lines

@@ -305,6 +305,25 @@ def test_the_edge_size_is_the_smallest_that_holds_the_waiting_slots():
   assert [eng.edge_size(n) for n in (0, 1, 2, 3)] == [1, 1, 3, 3]
 
 
+def test_compile_steps_compiles_every_edge_size_and_leaves_the_cache_as_it_was():
+  """After compile_steps no serve compiles a step (a serve alone may never reach every edge
+  size), the idle steps changed no cache entry, and the outputs are generate's."""
+  eng = engine_lib.DepthwiseEngine(build("expert_cache"), slots=3, max_len=MAX_LEN,
+                                   buckets=BUCKETS, prefill_batch=2, block_rows=2,
+                                   edge_sizes=(1, 2, 3))
+  fresh = jax.tree.map(np.asarray, eng.cache)
+  eng.compile_steps()
+  assert {k: v for k, v in eng.traces.items() if k.startswith("step/")} == {
+      "step/1": 1, "step/2": 1, "step/3": 1}
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, eng.cache), fresh)
+  assert not eng.stats
+  reqs, ref = requests("expert_cache")[:3], references("expert_cache")[:3]
+  for c, r, want in zip(eng.serve(reqs), reqs, ref, strict=True):
+    assert c.tokens == expected(r, want)
+  assert {k: v for k, v in eng.traces.items() if k.startswith("step/")} == {
+      "step/1": 1, "step/2": 1, "step/3": 1}
+
+
 def test_depthwise_compacted_pools_equal_generate_without_overflow_and_cap_with_it():
   """compact=True sizes step r's pool rows by the capacity, ceil(c_r max_len): with max_len 40
   (rows of 30, 20 and 10 entries) no request of <= 19 tokens overflows, and the outputs equal

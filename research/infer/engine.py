@@ -367,8 +367,9 @@ class DepthwiseEngine(Engine):
             causal threshold rule, or the confidence exit, as in decoding).
 
   The edge size is chosen per step from `edge_sizes` (default a quarter, half and all of the
-  slots; one compiled step each): the smallest that holds the slots waiting for it, which the
-  previous step reports, so the edge never limits how many tokens a step makes.
+  slots; one compiled step each, at its first use or all ahead with `compile_steps`): the
+  smallest that holds the slots waiting for it, which the previous step reports, so the edge
+  never limits how many tokens a step makes.
 
   Prefill is the sequence-wise one (Engine) into a fresh [prefill_batch, max_len] cache, whose core
   sites are then compacted into the pools. With `compact`, a slot holds ceil(c_r max_len) entries of
@@ -448,9 +449,7 @@ class DepthwiseEngine(Engine):
     key_S2 = np.zeros((s, 2), np.uint32)
     budget_S = np.ones((s,), np.int32)
     eos_S = np.full((s,), -1, np.int32)
-    flight = (jnp.zeros((s, self.width), self.dtype), jnp.full((s,), IDLE, jnp.int32),
-              jnp.zeros((s,), jnp.float32), jnp.zeros((s,), jnp.int32),
-              jnp.zeros((s,), jnp.int32))
+    flight = self._idle_flight()
     exited = 0  # slots whose token left the core in the last step: they wait for the edge
 
     def finish(c: Completion, token: int) -> bool:
@@ -489,6 +488,33 @@ class DepthwiseEngine(Engine):
         else:  # its next token entered the model in the same step
           index_S[slot] += 1
     return [done[i] for i in range(len(requests))]
+
+  def compile_steps(self) -> None:
+    """Compiles the step at every edge size before a serve needs it, by running it on idle slots:
+    nothing waits, so every write is dropped and the cache is unchanged. Twice per size, from a
+    fresh flight and from a step's outputs (which may carry another sharding: one more trace)."""
+    s = self.slots
+    inputs = (np.zeros((s,), np.int32), np.zeros((s,), bool), np.zeros((s, 2), np.uint32),
+              np.zeros((s,), np.int32), np.ones((s,), np.int32), np.full((s,), -1, np.int32))
+    before = dict(self.stats)
+    for edge in self.edge_sizes:
+      flight = self._idle_flight()
+      for _ in range(2):
+        if self.profile:
+          out = self._profiled_step(flight, inputs, edge)
+        else:
+          out = self._step(self.state, self.cache, flight, *inputs, edge=edge)
+        self.cache, flight = out[0], out[1]
+    jax.block_until_ready(self.cache)
+    self.stats.clear()  # the idle steps' timings are no serve's
+    self.stats.update(before)
+
+  def _idle_flight(self):
+    """A flight with every slot idle (the step's `flight`, _step_fn)."""
+    s = self.slots
+    return (jnp.zeros((s, self.width), self.dtype), jnp.full((s,), IDLE, jnp.int32),
+            jnp.zeros((s,), jnp.float32), jnp.zeros((s,), jnp.int32),
+            jnp.zeros((s,), jnp.int32))
 
   def edge_size(self, pending: int) -> int:
     """The compiled edge size of a step with `pending` slots waiting for the edge: the smallest
