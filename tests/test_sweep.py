@@ -398,3 +398,32 @@ def test_report_tables_the_router_statistics_of_the_last_tenth_over_seeds(tmp_pa
   assert r"| a | A \| x | 2 | 0.800 / 0.700 | - |" in table
   assert "| b | B | 1 | - | 0.250 |" in table
   assert sweep.router_table([dict(group="c", label="C", router={})]) == ""
+
+
+def test_mor_sharing_at_8_layers_gives_every_recursive_cell_its_own_layer_order():
+  """Table 10 at tiny's 4 layers has cells that are the same model (same plan); tiny_l8 has
+  none, and every cell's config validates."""
+  from configs.ablations import mor_sharing
+  from research.model import recursion
+
+  def plans(arg):
+    base = mor_sharing.get_config(arg)
+    out = {}
+    for cell in mor_sharing.get_sweep(arg):
+      cfg = sweep.cell_config(base, cell)
+      config_lib.validate(cfg)
+      r = cfg.model.recursion
+      if r.strategy != "none":
+        p = recursion.make_plan(r.strategy, cfg.model.num_layers, r.num_recursions)
+        out[cell.name] = (p.prelude, p.order, p.coda)
+    return out
+
+  tiny, deep = plans("tiny"), plans("tiny_l8")
+  assert tiny["middle_cycle_nr2"] == tiny["middle_sequence_nr2"]
+  assert tiny["cycle_nr3"] == tiny["sequence_nr3"]
+  assert len(deep) == 8 and len(set(deep.values())) == 8
+  assert mor_sharing.get_config("tiny_l8").model.num_layers == 8
+  assert [c.name for c in mor_sharing.get_sweep("tiny_l8")][:3] == [
+      "vanilla_L8", "vanilla_L4", "vanilla_L2"]
+  with pytest.raises(ValueError, match="tiny_l8"):
+    mor_sharing.get_sweep("tiny_l9")
