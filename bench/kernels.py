@@ -8,6 +8,7 @@ experts), rhs [experts, k, n]; forward and forward + backward (d lhs, d rhs) of
 - pallas: research/kernels/grouped_matmul.py through research/kernels/dispatch.py,
 - legacy: the previous tiling (one program per (row tile, n tile) looping over its groups, the
   weight block (G, K, tn)), forward only,
+- tiled: research/kernels/tiled_grouped_matmul.py, the same tiling in plain XLA (the CPU default),
 - ragged_dot: jax.lax.ragged_dot (the "xla" implementation),
 - dense_all: every expert on every row, masked to the row's expert (experts x the FLOPs).
 Useful FLOPs: 2 rows k n forward, 3x that forward + backward; TFLOP/s = useful / time for every
@@ -25,12 +26,15 @@ Useful FLOPs: 4 H Dh per readable (query, key) pair forward, 3x that forward + b
 
 Prints one JSON object (also written to --json) and a table. On CPU the Pallas kernels run in
 interpret mode, which measures NOTHING: there the shapes are replaced by tiny ones and the run only
-checks that every variant executes.
+checks that every variant executes. `--gmm_variants` without pallas and legacy (for example
+`--only=gmm --gmm_variants=tiled,ragged_dot,dense_all`) keeps the given shapes on CPU: every
+variant then runs compiled, and the grouped matmul figures are measurements.
 """
 
 import functools
 import json
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +61,8 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Input dtype.")
 flags.DEFINE_integer("steps", 10, "Timed calls per variant (median reported).")
 flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
 flags.DEFINE_integer("seed", 0, "Seed of the operands, group sizes and routed subsets.")
+flags.DEFINE_list("gmm_variants", ["pallas", "legacy", "tiled", "ragged_dot", "dense_all"],
+                  "Grouped matmul variants to time.")
 FLAGS = flags.FLAGS
 
 CPU_GMM = dict(experts=4, rows=96, k=64, n=128)
@@ -123,8 +129,13 @@ def _records(kernel: str, pattern: str, variants: dict, args, argnums, useful_fw
   return out
 
 
+GMM_INTERPRETED = ("pallas", "legacy")  # the variants that only interpret on CPU
+
+
 def bench_gmm(experts: int, rows: int, k: int, n: int, dtype, steps: int, warmup: int,
-              seed: int, peak_flops: float) -> tuple[dict, list[dict]]:
+              seed: int, peak_flops: float, names: Sequence[str] | None = None
+              ) -> tuple[dict, list[dict]]:
+  """(shape, records) of the grouped matmul variants `names` (default all)."""
   rng = np.random.default_rng(seed)
   sizes_G = jnp.asarray(rng.multinomial(rows, np.full(experts, 1.0 / experts)), jnp.int32)
   k1, k2 = jax.random.split(jax.random.key(seed))
@@ -133,7 +144,12 @@ def bench_gmm(experts: int, rows: int, k: int, n: int, dtype, steps: int, warmup
   interpret = dispatch.interpret()
   variants = {"pallas": (dispatch.grouped_matmul_fn("pallas"), True),
               "legacy": (functools.partial(legacy_grouped_matmul, interpret=interpret), False),
+              "tiled": (dispatch.grouped_matmul_fn("tiled"), True),
               "ragged_dot": (jax.lax.ragged_dot, True), "dense_all": (dense_all, True)}
+  unknown = set(names or ()) - set(variants)
+  if unknown:
+    raise ValueError(f"--gmm_variants: unknown {sorted(unknown)}; choose from {list(variants)}")
+  variants = {name: v for name, v in variants.items() if names is None or name in names}
   shape = dict(experts=experts, rows=rows, k=k, n=n, group_sizes=[int(s) for s in sizes_G])
   return shape, _records("gmm", "moe", variants, (lhs_MK, rhs_GKN, sizes_G), (0, 1),
                          2.0 * rows * k * n, steps, warmup, peak_flops)
@@ -217,7 +233,8 @@ def main(argv: list[str]) -> None:
   attn_shape = dict(batch=FLAGS.batch, seq=FLAGS.seq, routed=FLAGS.routed, heads=FLAGS.heads,
                     kv_heads=FLAGS.kv_heads, head_dim=FLAGS.head_dim)
   steps, warmup = FLAGS.steps, FLAGS.warmup
-  if interpret:
+  measures = not set(FLAGS.gmm_variants) & set(GMM_INTERPRETED) and FLAGS.only == "gmm"
+  if interpret and not measures:
     print(f"backend {jax.default_backend()}: the Pallas kernels run in INTERPRET mode, which "
           "measures nothing; timing tiny shapes only to check that every variant runs. Run on a "
           "GPU or TPU for numbers.", flush=True)
@@ -226,10 +243,11 @@ def main(argv: list[str]) -> None:
   dtype = jnp.dtype(FLAGS.dtype)
   common = dict(dtype=dtype, steps=steps, warmup=warmup, seed=FLAGS.seed, peak_flops=peak_flops)
   result = dict(backend=jax.default_backend(), device=jax.devices()[0].device_kind,
-                jax_version=jax.__version__, interpret=interpret, dtype=FLAGS.dtype,
+                jax_version=jax.__version__, interpret=interpret and not measures,
+                dtype=FLAGS.dtype,
                 peak_flops=peak_flops, peak_source=peak_source, steps=steps, records=[])
   if FLAGS.only in ("", "gmm"):
-    result["gmm_shape"], records = bench_gmm(**gmm_shape, **common)
+    result["gmm_shape"], records = bench_gmm(**gmm_shape, **common, names=FLAGS.gmm_variants)
     result["records"] += records
   if FLAGS.only in ("", "attention"):
     result["attention_shape"], records = bench_attention(**attn_shape, **common)
@@ -239,8 +257,8 @@ def main(argv: list[str]) -> None:
     with open(FLAGS.json, "w") as f:
       json.dump(result, f, indent=1)
   print(f"{result['device']} ({result['backend']}), jax {result['jax_version']}, {FLAGS.dtype}, "
-        f"peak {peak_flops / 1e12:.0f} TFLOP/s ({peak_source})"
-        + (" [interpret mode: NOT a measurement]" if interpret else ""))
+        f"peak {peak_flops / 1e12:.3g} TFLOP/s ({peak_source})"
+        + (" [interpret mode: NOT a measurement]" if result["interpret"] else ""))
   print(table(result))
 
 

@@ -101,7 +101,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.moe.first_dense = 0  # the first layers keep the dense FFN (DeepSeek first_k_dense)
   c.model.moe.every = 1  # routed FFN where (layer + 1) % every == 0 (1: every layer)
   c.model.moe.impl = "ragged"  # ragged (sort + grouped matmuls) | dense (all experts, reference)
-  c.model.moe.gmm = "xla"  # ragged grouped matmul: xla (lax.ragged_dot) | pallas | reference
+  c.model.moe.gmm = "auto"  # auto (tiled on CPU, else xla) | xla | pallas | tiled | reference
   # linear x W_r | gru: RMoE, h_i = GRU(x_i Proj_i, h_{i-1}) G_i | mlp: GELU(x W1) W2 (SMoE-MLP)
   c.model.moe.router = "linear"
   c.model.moe.gru_dim = 128  # gru: GRU hidden size p (RMoE recommends 128)

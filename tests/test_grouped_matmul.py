@@ -1,9 +1,9 @@
 """Grouped matmul (docs/kernels.md): the Pallas kernel (both variants, Triton and Mosaic TPU) in
-interpret mode == the pure-jnp reference
+interpret mode and its plain-XLA tiling (tiled_grouped_matmul) == the pure-jnp reference
 == jax.lax.ragged_dot, in values and in the gradients w.r.t. lhs and rhs, for group-size patterns
 with empty groups, one group holding every row, sizes that are not multiples of the tile, rows past
 sum(group_sizes) and an M/K/N that are not multiples of the tile; the dispatch rule; the MoE layer
-with model.moe.gmm=pallas against gmm=xla.
+with model.moe.gmm=pallas / tiled against gmm=xla.
 
 Tolerances: float32 atol 1e-5 (K <= 48, float32 accumulation in every implementation).
 bfloat16 inputs: each implementation rounds its float32 sums to bfloat16 once, at different
@@ -22,6 +22,7 @@ from flax import nnx
 from research import config as config_lib
 from research.kernels import dispatch
 from research.kernels import grouped_matmul as gmm_lib
+from research.kernels import tiled_grouped_matmul as tiled_gmm
 from research.model import moe
 from tests.model_util import tiny_config
 
@@ -50,6 +51,7 @@ IMPLS = {  # "pallas": the Triton variant (the interpreter's default), "mosaic":
     "pallas": functools.partial(gmm_lib.grouped_matmul, tiling=TILING, interpret=True),
     "mosaic": functools.partial(gmm_lib.grouped_matmul, tiling=TILING, interpret=True,
                                 platform="mosaic"),
+    "tiled": functools.partial(tiled_gmm.tiled_grouped_matmul, tm=16),
     "reference": gmm_lib.grouped_matmul_reference,
     "xla": jax.lax.ragged_dot,
 }
@@ -85,13 +87,13 @@ def test_kernel_equals_reference_and_ragged_dot(pattern, dtype):
   lhs_MK, rhs_GKN, probe_MN = operands(dtype)
   sizes_G = jnp.array(PATTERNS[pattern], jnp.int32)
   results = {impl: value_and_grads(impl)(lhs_MK, rhs_GKN, sizes_G, probe_MN) for impl in IMPLS}
-  for impl in ("pallas", "mosaic", "xla"):
+  for impl in ("pallas", "mosaic", "tiled", "xla"):
     for name, got, want in zip(("out", "d_lhs", "d_rhs"), results[impl], results["reference"],
                                strict=True):
       assert got.dtype == want.dtype == dtype, (impl, name)
       assert got.shape == want.shape, (impl, name)
       assert_close(got, want, dtype, f"{impl} {name} {pattern}")
-  for impl in ("pallas", "mosaic"):
+  for impl in ("pallas", "mosaic", "tiled"):
     out, d_lhs, d_rhs = results[impl]
     end = sum(PATTERNS[pattern])
     assert not np.asarray(out[end:], np.float32).any(), "rows past sum(group_sizes) must give 0"
@@ -157,6 +159,9 @@ def test_dispatch_interprets_exactly_on_cpu():
   assert dispatch.grouped_matmul_fn("pallas", backend="gpu").keywords == {"interpret": False}
   assert dispatch.grouped_matmul_fn("xla") is jax.lax.ragged_dot
   assert dispatch.grouped_matmul_fn("reference") is gmm_lib.grouped_matmul_reference
+  assert dispatch.grouped_matmul_fn("tiled") is tiled_gmm.tiled_grouped_matmul
+  assert dispatch.grouped_matmul_fn("auto") is tiled_gmm.tiled_grouped_matmul  # CPU
+  assert dispatch.grouped_matmul_fn("auto", backend="gpu") is jax.lax.ragged_dot
   with pytest.raises(ValueError, match=r"config\.model\.moe\.gmm"):
     dispatch.grouped_matmul_fn("triton")
 
@@ -164,10 +169,10 @@ def test_dispatch_interprets_exactly_on_cpu():
 def test_invalid_gmm_config_names_the_key():
   with pytest.raises(config_lib.ConfigError, match=r"config\.model\.moe\.gmm=.triton."):
     tiny_config(moe=dict(num_experts=4, gmm="triton"))
-  assert tiny_config(moe=dict(num_experts=4)).model.moe.gmm == "xla"
+  assert tiny_config(moe=dict(num_experts=4)).model.moe.gmm == "auto"
 
 
-@pytest.mark.parametrize("gmm", ["pallas", "reference"])
+@pytest.mark.parametrize("gmm", ["pallas", "tiled", "reference"])
 def test_moe_layer_with_gmm_equals_xla(mesh, gmm):
   """A tiny routed MoE (4 experts of width 16, top-2, capacity dropping so some rows fall past
   the groups): output and gradients w.r.t. input, router and expert weights match gmm=xla."""
@@ -200,7 +205,7 @@ def test_visits_of_a_straddling_pattern():
   2, tiles 1 and 2 for group 2 and 3 (tile 2 straddles), tile 3 (rows 48-49, past the groups)
   once to write 0, then pads to 4 + 4 - 1 = 7 slots; tgmm visits in group order with one visit
   for the empty group 1."""
-  offsets = gmm_lib._group_offsets(jnp.array([10, 0, 25, 7], jnp.int32), 50)
+  offsets = gmm_lib.group_offsets(jnp.array([10, 0, 25, 7], jnp.int32), 50)
   fwd = gmm_lib.gmm_visits(offsets, 16, 64)
   np.testing.assert_array_equal(fwd.group, [0, 2, 2, 2, 3, 3, 3])
   np.testing.assert_array_equal(fwd.tile, [0, 0, 1, 2, 2, 3, 3])

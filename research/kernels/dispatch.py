@@ -2,8 +2,10 @@
 (docs/kernels.md).
 
 Grouped matmul (`model.moe.gmm`): "xla" jax.lax.ragged_dot, "pallas" the Pallas kernel of
-research/kernels/grouped_matmul.py (interpret mode exactly when the backend is CPU), "reference"
-its pure-jnp loop over groups. All three have ragged_dot's semantics and signature
+research/kernels/grouped_matmul.py (interpret mode exactly when the backend is CPU), "tiled" its
+tiling in plain XLA (research/kernels/tiled_grouped_matmul.py), "reference" the pure-jnp loop
+over groups, "auto" tiled on CPU (where ragged_dot runs every row through every group) and xla
+elsewhere. All have ragged_dot's semantics and signature
 (lhs [M, K], rhs [G, K, N], group_sizes [G]) -> [M, N].
 
 Attention (`model.attention_impl`): "xla" research/kernels/xla_attention.py (masked einsums,
@@ -21,12 +23,13 @@ import jax
 
 from research.kernels import grouped_matmul as gmm_lib
 from research.kernels import routed_attention as attn_lib
+from research.kernels import tiled_grouped_matmul as tiled_gmm
 from research.kernels import xla_attention
 
 Array = jax.Array
 GroupedMatmul = Callable[[Array, Array, Array], Array]
 
-GMM_IMPLS = ("xla", "pallas", "reference")
+GMM_IMPLS = ("auto", "xla", "pallas", "tiled", "reference")
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "reference")
 
 
@@ -54,6 +57,10 @@ def interpret(backend: str | None = None) -> bool:
 
 def grouped_matmul_fn(impl: str, backend: str | None = None) -> GroupedMatmul:
   """The grouped matmul `impl` (one of GMM_IMPLS) for `backend` (default: JAX's default)."""
+  if impl == "auto":
+    impl = "tiled" if interpret(backend) else "xla"
+  if impl == "tiled":
+    return tiled_gmm.tiled_grouped_matmul
   if impl == "xla":
     return jax.lax.ragged_dot
   if impl == "pallas":

@@ -68,7 +68,7 @@ def _pad_to(x: Array, shape: tuple[int, ...]) -> Array:
   return jnp.pad(x, [(0, s - d) for d, s in zip(x.shape, shape, strict=True)])
 
 
-def _group_offsets(group_sizes_G: Array, m: int) -> Array:
+def group_offsets(group_sizes_G: Array, m: int) -> Array:
   """o [G + 1]: group g owns rows [o_g, o_{g+1}), clipped to the M rows."""
   ends_G = jnp.minimum(jnp.cumsum(group_sizes_G.astype(jnp.int32)), m)
   return jnp.concatenate([jnp.zeros((1,), jnp.int32), ends_G])
@@ -223,7 +223,7 @@ def _gmm(lhs_MK: Array, rhs_GKN: Array, group_sizes_G: Array, tiling: tuple[int,
   mp, kp, np_ = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
   lhs_MK = _pad_to(lhs_MK, (mp, kp))
   rhs_GKN = _pad_to(rhs_GKN, (num_groups, kp, np_))
-  meta = gmm_visits(_group_offsets(group_sizes_G, m), tm, mp).stacked()
+  meta = gmm_visits(group_offsets(group_sizes_G, m), tm, mp).stacked()
   num_visits, num_k, out_shape = meta.shape[1], kp // tk, jax.ShapeDtypeStruct((mp, np_),
                                                                                lhs_MK.dtype)
 
@@ -308,7 +308,7 @@ def tgmm(lhs_MK: Array, dout_MN: Array, group_sizes_G: Array,
   mp, kp, np_ = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
   lhs_MK = _pad_to(lhs_MK, (mp, kp))
   dout_MN = _pad_to(dout_MN.astype(lhs_MK.dtype), (mp, np_))
-  offsets_G1 = _group_offsets(group_sizes_G, m)
+  offsets_G1 = group_offsets(group_sizes_G, m)
   out_shape = jax.ShapeDtypeStruct((num_groups, kp, np_), lhs_MK.dtype)
 
   def call(platform):
