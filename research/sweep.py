@@ -56,6 +56,7 @@ class Cell:
   label: str
   overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # dotted key -> value
   group: str = ""  # with --sweep_seeds: the table row this run is one seed of (the cell's name)
+  reference: str = ""  # the cell its "Paired by seed" row is read against ('': the first cell)
 
 
 def with_seeds(cells: Sequence[Cell], seeds: Sequence[int]) -> list[Cell]:
@@ -70,8 +71,8 @@ def with_seeds(cells: Sequence[Cell], seeds: Sequence[int]) -> list[Cell]:
   for c in cells:
     if "seed" in c.overrides:
       raise config_lib.ConfigError(f"--sweep_seeds: cell {c.name!r} sets config.seed itself")
-  return [Cell(f"{c.name}_seed{s}", c.label, dict(c.overrides, seed=s), group=c.name)
-          for s in seeds for c in cells]
+  return [Cell(f"{c.name}_seed{s}", c.label, dict(c.overrides, seed=s), group=c.name,
+               reference=c.reference) for s in seeds for c in cells]
 
 
 def parse_spec(config_spec: str) -> tuple[str, str | None]:
@@ -375,7 +376,7 @@ def collect(cells: Sequence[Cell], cfgs: Sequence[mlc.ConfigDict], workdir: str)
     per_token = flops.paper_flops_per_token(cfg.model, cfg.data.seq_len)
     tokens = steps * cfg.train.batch_size * cfg.data.seq_len
     rows.append(dict(
-        cell=cell.name, label=cell.label, group=cell.group or cell.name,
+        cell=cell.name, label=cell.label, group=cell.group or cell.name, reference=cell.reference,
         seed=cell.overrides.get("seed", cfg.seed), status=cell_status(cell_dir),
         non_embedding_params=non_emb, params=total, flops_per_token=per_token, steps=steps,
         planned_steps=loop.total_steps(cfg), tokens=tokens, train_flops=per_token * tokens,
@@ -466,23 +467,30 @@ def seed_table(rows: Sequence[dict]) -> str:
 
 
 def paired_rows(rows: Sequence[dict]) -> list[dict]:
-  """Each later group against the first (the table's reference cell), seed by seed: NLL(cell,
-  seed k) - NLL(reference, seed k) for the seeds both have. Seed k gives every cell the same data
-  order, so these differences cancel it. `se` is the standard error of their mean (sample
-  standard deviation / sqrt(n), two or more seeds); `sign` is "lower" or "higher" when every
-  paired seed agrees, "mixed" when they do not."""
+  """Each group against its reference cell (a row's `reference`; by default the first group),
+  seed by seed: NLL(cell, seed k) - NLL(reference, seed k) for the seeds both have. Seed k gives
+  every cell the same data order, so these differences cancel it. `se` is the standard error of
+  their mean (sample standard deviation / sqrt(n), two or more seeds); `sign` is "lower" or
+  "higher" when every paired seed agrees, "mixed" when they do not. A reference is not paired
+  with itself."""
   groups = {g["cell"]: g for g in seed_rows(rows)}
   names = list(groups)
   if not names:
     return []
-  ref = dict(zip(groups[names[0]]["seeds"], groups[names[0]]["valid_nlls"], strict=True))
+  refs = {r["group"]: r.get("reference") or names[0] for r in rows}
+  missing = sorted({v for v in refs.values() if v not in groups})
+  if missing:
+    raise ValueError(f"sweep cells name references that are not cells: {missing}")
   out = []
-  for name in names[1:]:
-    g = groups[name]
+  for name in names:
+    if refs[name] == name:
+      continue
+    g, r = groups[name], groups[refs[name]]
+    ref = dict(zip(r["seeds"], r["valid_nlls"], strict=True))
     diffs = {s: v - ref[s] for s, v in zip(g["seeds"], g["valid_nlls"], strict=True)
              if v is not None and ref.get(s) is not None}
     signs = {(d > 0) - (d < 0) for d in diffs.values()}  # a tie agrees with neither side
-    out.append(dict(cell=name, label=g["label"], reference=names[0], diffs=diffs,
+    out.append(dict(cell=name, label=g["label"], reference=refs[name], diffs=diffs,
                     mean_diff=statistics.fmean(diffs.values()) if diffs else None,
                     se=statistics.stdev(diffs.values()) / math.sqrt(len(diffs))
                     if len(diffs) > 1 else None,
@@ -494,21 +502,26 @@ def paired_rows(rows: Sequence[dict]) -> list[dict]:
 def paired_table(rows: Sequence[dict]) -> str:
   """paired_rows as markdown: each cell minus the reference cell, per seed, and their mean."""
   pairs = paired_rows(rows)
-  ref = pairs[0]["reference"] if pairs else "-"
-  header = f"| Cell | Model | minus {_md(ref)} (mean) | s.e. | per seed | every seed |"
-  lines = [f"## Paired by seed, against {_md(ref)}", "",
-           f"Each cell's validation NLL minus {_md(ref)}'s of the same seed (the same data "
-           "order), their mean and its standard error (s.e.). 'every seed': lower or higher when "
-           "all paired seeds agree, else mixed. With n seeds, |mean| / s.e. above Student's t "
-           "for n - 1 degrees of freedom (4.30 for 3 seeds, 12.7 for 2) is a difference at the "
-           "95 % level.", "",
+  refs = list(dict.fromkeys(p["reference"] for p in pairs)) or ["-"]
+  one = len(refs) == 1
+  ref = _md(refs[0]) if one else "its reference"
+  header = ("| Cell | Model | " + ("" if one else "reference | ")
+            + f"minus {'reference' if not one else ref} (mean) | s.e. | per seed | every seed |")
+  whose = f"{ref}'s" if one else "its reference cell's"
+  lines = [f"## Paired by seed, against {ref}", "",
+           f"Each cell's validation NLL minus {whose} of the same seed (the same data order), "
+           "their mean and its standard error (s.e.). "
+           "'every seed': lower or higher when all paired seeds agree, else mixed. With n seeds, "
+           "|mean| / s.e. above Student's t for n - 1 degrees of freedom (4.30 for 3 seeds, 12.7 "
+           "for 2) is a difference at the 95 % level.", "",
            header, "|" + "---|" * header.count(" | ") + "---|"]
   for p in pairs:
     per_seed = ", ".join(f"s{s}: {d:+.4f}" for s, d in sorted(p["diffs"].items())) or "-"
     mean = "-" if p["mean_diff"] is None else f"{p['mean_diff']:+.4f}"
     se = "-" if p["se"] is None else f"{p['se']:.4f}"
-    lines.append(f"| {_md(p['cell'])} | {_md(p['label'])} | {mean} | {se} | {per_seed} "
-                 f"| {p['sign']} |")
+    against = "" if one else f"{_md(p['reference'])} | "
+    lines.append(f"| {_md(p['cell'])} | {_md(p['label'])} | {against}{mean} | {se} | "
+                 f"{per_seed} | {p['sign']} |")
   return "\n".join(lines) + "\n"
 
 

@@ -427,3 +427,26 @@ def test_mor_sharing_at_8_layers_gives_every_recursive_cell_its_own_layer_order(
       "vanilla_L8", "vanilla_L4", "vanilla_L2"]
   with pytest.raises(ValueError, match="tiny_l8"):
     mor_sharing.get_sweep("tiny_l9")
+
+
+def test_paired_rows_read_each_cell_against_its_own_reference():
+  """Cells naming a reference are paired with it (two tables' final designs, as in mor_routers);
+  a reference is not paired with itself; a reference that is no cell is refused."""
+  def row(group, seed, nll, ref=""):
+    return dict(group=group, seed=seed, valid_nll=nll, label=group.upper(), status="done",
+                reference=ref)
+  rows = [row(g, s, nll + s, ref) for s in (0, 1) for g, nll, ref in (
+      ("e1", 5.0, "e_final"), ("e_final", 4.0, "e_final"), ("t1", 3.0, "t_final"),
+      ("t_final", 3.5, "t_final"))]
+  pairs = {p["cell"]: p for p in sweep.paired_rows(rows)}
+  assert set(pairs) == {"e1", "t1"}
+  assert pairs["e1"]["reference"] == "e_final" and pairs["e1"]["mean_diff"] == pytest.approx(1.0)
+  assert pairs["t1"]["reference"] == "t_final" and pairs["t1"]["mean_diff"] == pytest.approx(-0.5)
+  table = sweep.paired_table(rows)
+  assert "## Paired by seed, against its reference" in table
+  assert "| e1 | E1 | e_final | +1.0000 | 0.0000 | s0: +1.0000, s1: +1.0000 | higher |" in table
+  with pytest.raises(ValueError, match="not cells"):
+    sweep.paired_rows([row("a", 0, 1.0, "gone")])
+  # the report's rows carry the reference (with_seeds keeps it)
+  cells = sweep.with_seeds([sweep.Cell("a", "A", reference="b"), sweep.Cell("b", "B")], [0, 1])
+  assert [c.reference for c in cells] == ["b", "", "b", ""]

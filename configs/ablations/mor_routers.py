@@ -35,6 +35,8 @@ EXPERT = (  # name, sampling, coeff, func, alpha, arch, warm-up, z-loss
     ("aux_loss0.001_sigmoid_a0.1_linear_z", "aux_loss", 0.001, "sigmoid", 0.1, "linear", False,
      True),
 )
+FINAL_EXPERT = "aux_loss0.001_sigmoid_a0.1_linear"  # the paper's chosen designs: --report pairs
+FINAL_TOKEN = "loss0.1_softmax_linear"  # every cell of its table with it, seed by seed
 TOKEN = (  # name, balancing, coeff (loss weight or bias rate u), func, alpha, arch, z-loss
     ("loss0.1_softmax_mlp_z", "loss", 0.1, "softmax", 1.0, "mlp", True),
     ("loss0.01_softmax_mlp_z", "loss", 0.01, "softmax", 1.0, "mlp", True),
@@ -70,7 +72,8 @@ def get_sweep(arg: str | None = None) -> list[sweep.Cell]:
                    "model.mor.expert.sampling": sampling, "model.mor.expert.aux_coeff": coeff,
                    "model.mor.expert.func": func, "model.mor.expert.alpha": alpha,
                    "model.mor.expert.cap_warmup_steps": STEPS[preset] // 5 if warm else 0,
-                   "model.mor.z_coeff": 1e-3 if z else 0.0}))
+                   "model.mor.z_coeff": 1e-3 if z else 0.0},
+        reference=f"expert_{FINAL_EXPERT}"))
   for name, balancing, coeff, func, alpha, arch, z in TOKEN:
     rate = "model.mor.token.bias_rate" if balancing == "loss_free" else "model.mor.token.bal_coeff"
     cells.append(sweep.Cell(
@@ -80,5 +83,6 @@ def get_sweep(arg: str | None = None) -> list[sweep.Cell]:
         overrides={"model.mor.kind": "token", "model.mor.router": arch,
                    "model.mor.token.balancing": balancing, rate: coeff,
                    "model.mor.token.func": func, "model.mor.token.alpha": alpha,
-                   "model.mor.z_coeff": 1e-5 if z else 0.0}))
+                   "model.mor.z_coeff": 1e-5 if z else 0.0},
+        reference=f"token_{FINAL_TOKEN}"))
   return cells
