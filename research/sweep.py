@@ -106,6 +106,10 @@ def load_sweep(config_path: str, arg: str | None) -> list[Cell]:
     if c.name in seen:
       raise config_lib.ConfigError(f"{config_path}: two cells are named {c.name!r}")
     seen.add(c.name)
+  for c in cells:
+    if c.reference and c.reference not in seen:
+      raise config_lib.ConfigError(f"{config_path}: cell {c.name!r} names reference "
+                                   f"{c.reference!r}, which is no cell of the sweep")
   return cells
 
 

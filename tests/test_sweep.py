@@ -73,6 +73,7 @@ def test_load_sweep_cells():
     ("[]", "returned no cells"),
     ("[sweep.Cell('a/b', 'x')]", "cell name 'a/b' must be a plain directory name"),
     ("[sweep.Cell('a', 'x'), sweep.Cell('a', 'y')]", "two cells are named 'a'"),
+    ("[sweep.Cell('a', 'x', reference='b')]", "names reference 'b', which is no cell"),
 ])
 def test_load_sweep_rejects_bad_cells(tmp_path, cells, match):
   path = tmp_path / "bad.py"
