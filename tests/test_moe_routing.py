@@ -1,13 +1,22 @@
 """research/analysis/moe_routing.py: the captured routing equals the layers' own (by hand), for
 plain, tied, CoE and ReXMoE models; every statistic against a hand computation."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import ml_collections as mlc
 import numpy as np
+import pytest
 from flax import nnx
 
-from research.analysis import moe_routing
+from research import config as config_lib
+from research import sweep
+from research.analysis import moe_router_table, moe_routing, routing
 from research.model.lm import LanguageModel
+from research.train import loop
+from tests import launch_util
 from tests.model_util import random_batch, tiny_config
 
 E = 4
@@ -140,3 +149,70 @@ def test_top_expert_html_shades_by_expert():
   out = moe_routing.top_expert_html(Tok(), np.array([5, 6]), np.array([1, -1]), E)
   assert 'title="expert 1" style="background: hsl(90, 70%, 80%)"' in out
   assert "&lt;6&gt;" in out and 'title="expert -1" style=""' in out
+
+
+# --- research/analysis/moe_router_table.py: the statistics over a sweep's cells ---------------
+
+SWEEP = '''
+from research import sweep
+
+
+def get_sweep(arg=None):
+  return [sweep.Cell("gru_seed0", "GRU", dict(seed=0), group="gru"),
+          sweep.Cell("gru_seed1", "GRU", dict(seed=1), group="gru"),
+          sweep.Cell("linear", "Linear")]
+'''
+
+
+@pytest.fixture(scope="module")
+def rmoe_run(tmp_path_factory) -> str:
+  """A 2-step RMoE run (GRU router, top-2 of 4 experts) with a checkpoint."""
+  path = tmp_path_factory.mktemp("rmoe_table")
+  launcher = launch_util.Launcher(path / "shared", config="configs/moe.py:tiny,rmoe")
+  result = launcher.run(path / "run", {"train.steps": 2, "model.moe.num_experts": 4,
+                                       "model.moe.d_ff": 16, "model.num_layers": 3})
+  assert result.returncode == 0, result.stderr
+  return str(path / "run")
+
+
+def test_router_table_concatenates_batches_and_groups_seeds(rmoe_run, tmp_path):
+  loaded = routing.load_run(rmoe_run)
+  it = loop.make_iterator(loaded.run, loaded.run.valid_docs, train=False)
+  first, second = next(it), next(it)
+  # one batch: exactly router_statistics of that batch's capture
+  one, step = moe_router_table.run_statistics(rmoe_run, batches=1)
+  assert step == 2
+  assert one == moe_routing.router_statistics(moe_routing.capture(loaded.model, first))
+  # two batches: the statistics of the two batches' rows stacked into one batch
+  both = {k: np.concatenate([first[k], second[k]]) for k in first}
+  two, _ = moe_router_table.run_statistics(rmoe_run, batches=2)
+  expected = moe_routing.router_statistics(moe_routing.capture(loaded.model, both))
+  assert two.keys() == expected.keys()
+  for key in two:
+    np.testing.assert_allclose(two[key], expected[key], rtol=1e-5, err_msg=key)
+  assert two != one  # the second batch changed something: the test reads both
+  # a sweep: both seeds of one cell (the same run twice), the cell without a checkpoint skipped
+  spec = tmp_path / "sweep.py"
+  spec.write_text(SWEEP)
+  workdir = tmp_path / "sweep"
+  workdir.mkdir()
+  for name in ("gru_seed0", "gru_seed1"):
+    os.symlink(rmoe_run, workdir / name)
+  cells = sweep.load_sweep(str(spec), None)
+  rows = moe_router_table.collect(cells, str(workdir), batches=1)
+  assert [(r["group"], r["seed"], r["step"]) for r in rows] == [("gru", 0, 2), ("gru", 1, 2)]
+  text = moe_router_table.markdown(rows, "t")
+  line = next(x for x in text.splitlines() if x.startswith("| gru |"))
+  v = one["inner_balance"]
+  assert f"| GRU | 2 | 2 | {v:.3f} ({v:.3f}, {v:.3f}) |" in line
+  with pytest.raises(config_lib.ConfigError, match="no cell of the sweep has a checkpoint"):
+    moe_router_table.collect(cells, str(tmp_path), batches=1)
+
+
+def test_router_table_bad_input_is_one_error_line(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "research.analysis.moe_router_table",
+                      "--config=configs/ablations/moe_rmoe.py:tiny", f"--workdir={tmp_path}"],
+                     cwd=launch_util.REPO, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines()[-1].startswith("error: --workdir=")
+  assert "Traceback" not in r.stderr
