@@ -3,6 +3,7 @@
   python -m bench.vs_torch [--quick] [--shapes=8x256,4x1024,small] [--variants=vanilla,recursive]
       [--rounds=7] [--threads=2] [--json=PATH] [--nocompile]
   python -m bench.vs_torch --ours_only [--dtype=bfloat16]   # our side alone, e.g. on a GPU
+  python -m bench.vs_torch --shapes=8x256 --matmuls    # also each projection's matmul alone
 
 Needs torch and transformers: pip install -r requirements-bench.txt (the CPU torch wheel).
 `--ours_only` needs neither: it times our step alone at the same shapes and reports its MFU
@@ -38,7 +39,9 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections as mlc
+import numpy as np
 from absl import app, flags
 
 from bench.synthetic import compile_train_step, parse_flags, run
@@ -68,6 +71,8 @@ flags.DEFINE_bool("quick", False, "Smoke run: shape 8x256 only, 2 rounds after 1
 flags.DEFINE_string("json", "", "Also write {'rows': [...]} to this JSON file.", flag_values=FLAGS)
 flags.DEFINE_bool("ours_only", False, "Time our step alone (no torch): step ms and MFU.",
                   flag_values=FLAGS)
+flags.DEFINE_bool("matmuls", False, "Also time the step's matmul shapes alone: XLA's dot against "
+                  "torch.mm, float32, round-robin (where a step's gap starts).", flag_values=FLAGS)
 flags.DEFINE_string("dtype", "float32", "Our compute dtype (float32 | bfloat16 | auto).",
                     flag_values=FLAGS)
 
@@ -263,6 +268,64 @@ def ours_row(shape: str, variant: str, rounds: int, warmup: int, dtype: str) -> 
           "mfu": mfu, "peak_source": source, "backend": jax.default_backend()}
 
 
+def matmul_shapes(cfg: mlc.ConfigDict) -> list[tuple[str, int, int, int]]:
+  """(name, M, K, N) of the distinct float32 products of one train step's projections at
+  `cfg`'s batch: the forward x W (tokens x in x out), the input gradient dy W^T (tokens x out x
+  in) and the weight gradient x^T dy (in x tokens x out), for q / o, k / v, gate / up, down and
+  the tied LM head."""
+  m, tokens = cfg.model, cfg.train.batch_size * cfg.data.seq_len
+  weights = {"q, o": (m.d_model, m.num_heads * m.head_dim),
+             "k, v": (m.d_model, m.num_kv_heads * m.head_dim),
+             "gate, up": (m.d_model, m.d_ff), "down": (m.d_ff, m.d_model),
+             "head": (m.d_model, m.vocab_size)}
+  out, seen = [], set()
+  for name, (d_in, d_out) in weights.items():
+    for kind, mkn in (("fwd", (tokens, d_in, d_out)), ("dx", (tokens, d_out, d_in)),
+                      ("dW", (d_in, tokens, d_out))):
+      if mkn not in seen:
+        seen.add(mkn)
+        out.append((f"{name} {kind}", *mkn))
+  return out
+
+
+def matmul_rows(cfg: mlc.ConfigDict, shape: str, rounds: int, threads: int
+                ) -> list[dict[str, Any]]:
+  """Each matmul_shapes product timed as XLA's jitted dot and torch.mm (`threads` threads),
+  float32, round-robin over `rounds` rounds of 20 calls; GFLOP/s of the medians."""
+  torch, _ = import_torch()
+  torch.set_num_threads(threads)
+  rng = np.random.default_rng(0)
+  dot = jax.jit(lambda a, b: a @ b)
+  rows = []
+  for name, m, k, n in matmul_shapes(cfg):
+    a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+    ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+    sides = {"xla": lambda ja=ja, jb=jb: dot(ja, jb).block_until_ready(),
+             "torch": lambda ta=ta, tb=tb: torch.mm(ta, tb)}
+    times = {side: [] for side in sides}
+    for i in range(rounds + 1):
+      for side, fn in sides.items():
+        t0 = time.perf_counter()
+        for _ in range(20):
+          fn()
+        if i:  # the first round compiles and warms up
+          times[side].append((time.perf_counter() - t0) / 20)
+    gflops = {side: 2 * m * k * n / statistics.median(t) / 1e9 for side, t in times.items()}
+    rows.append({"shape": shape_label(cfg, shape), "matmul": name, "m": m, "k": k, "n": n,
+                 "xla_gflops": gflops["xla"], "torch_gflops": gflops["torch"],
+                 "xla_over_torch": gflops["xla"] / gflops["torch"]})
+  return rows
+
+
+def format_matmuls(rows: list[dict[str, Any]]) -> str:
+  lines = ["| shape | matmul | M x K x N | XLA GFLOP/s | torch GFLOP/s | XLA / torch |",
+           "|" + " --- |" * 6]
+  for r in rows:
+    lines.append(f"| {r['shape']} | {r['matmul']} | {r['m']} x {r['k']} x {r['n']} | "
+                 f"{r['xla_gflops']:.0f} | {r['torch_gflops']:.0f} | {r['xla_over_torch']:.2f} |")
+  return "\n".join(lines)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
   """Markdown table of the rows: ms of each side and ours' speedups."""
   fmt = lambda v, spec: "-" if v is None else format(v, spec)
@@ -304,12 +367,19 @@ def main(argv: list[str], out: Callable[[str], Any] = print) -> None:
     for variant in FLAGS.variants:
       rows.append(bench_row(shape, variant, rounds, warmup, FLAGS.compile, FLAGS.threads))
       out(format_table(rows[-1:]).splitlines()[-1])
+  mm = [r for shape in shapes if FLAGS.matmuls
+        for r in matmul_rows(bench_config(shape, "vanilla"), shape, rounds, FLAGS.threads)]
   if FLAGS.json:
     keys = ("variant", "shape", "ours_ms", "eager_ms", "compile_ms", "speedup_vs_eager",
             "speedup_vs_compile")
+    result = {"rows": [{k: r[k] for k in keys} for r in rows]}
+    if mm:
+      result["matmuls"] = mm
     with open(FLAGS.json, "w") as f:
-      json.dump({"rows": [{k: r[k] for k in keys} for r in rows]}, f, indent=1)
+      json.dump(result, f, indent=1)
   out(format_table(rows))
+  if mm:
+    out(format_matmuls(mm))
 
 
 if __name__ == "__main__":

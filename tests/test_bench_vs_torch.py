@@ -79,3 +79,16 @@ def test_ours_only_runs_without_torch(monkeypatch, tmp_path):
   assert (row["variant"], row["shape"], row["dtype"]) == ("recursive", "2x32", "float32")
   assert row["ours_ms"] > 0 and 0 < row["mfu"] < 1
   assert "| recursive | 2x32 | float32 |" in printed[-1]
+
+
+def test_matmul_shapes_are_the_steps_projections():
+  """Forward, input-gradient and weight-gradient products of each projection, once each: at
+  8 x 256 tokens = 2048, d 128, q/o 128 wide, k/v 64, d_ff 344, vocab 512."""
+  shapes = bench.matmul_shapes(bench.bench_config("8x256", "vanilla"))
+  assert [s[0] for s in shapes[:2]] == ["q, o fwd", "q, o dW"]  # dx: the forward's shape
+  mkn = {s[1:] for s in shapes}
+  assert len(mkn) == len(shapes)  # distinct
+  assert (2048, 128, 128) in mkn and (128, 2048, 128) in mkn  # q: forward (= dx), dW
+  assert {(2048, 128, 344), (2048, 344, 128), (128, 2048, 344), (344, 2048, 128)} <= mkn
+  assert (2048, 128, 512) in mkn and (2048, 512, 128) in mkn  # the tied head
+  assert (2048, 128, 64) in mkn and (128, 2048, 64) in mkn  # k, v
