@@ -6,8 +6,9 @@
 Models, all of one unrolled depth L (`--layers`; L - 2 must divide by each Nr): vanilla (L untied
 layers) and middle-cycle MoR-2/3/4 (expert choice, recursion-wise KV caching), MoR-3 with KV
 sharing, and a cycle recursive model (Nr = 2, as RRT's default B = 2) trained with one exit per
-loop (train.exit_loss aggressive) and served with confidence exits at `--exit_threshold`
-(research/model/early_exit.py). Each is trained for `--train_steps`
+loop (train.exit_loss aggressive) and served with confidence exits at each `--exit_threshold`
+(research/model/early_exit.py; a list gives one row per threshold, `recursive_exit@0.3`, of the
+one trained model). Each is trained for `--train_steps`
 on the embedded corpus by the real training loop (research/train/loop.py, into
 `--train_dir/<model>`, which a rerun resumes, so a second run reuses the checkpoints) or loaded
 from `--workdir=<model>=DIR`; its routers then make the decisions they learned (decoding routes
@@ -101,8 +102,10 @@ flags.DEFINE_integer("batch", 32, "The fixed batch setting B (slots).", flag_val
 flags.DEFINE_integer("seed", 0, "Seed of the request set.", flag_values=FLAGS)
 flags.DEFINE_multi_string("set", [], "dotted.key=value applied to every model's config.",
                           flag_values=FLAGS)
-flags.DEFINE_float("exit_threshold", 0.5, "recursive_exit: a token stops after a loop whose exit "
-                   "puts at least this softmax probability on one token.", flag_values=FLAGS)
+flags.DEFINE_list("exit_threshold", ["0.5"], "recursive_exit: a token stops after a loop whose "
+                  "exit puts at least this softmax probability on one token; a list serves the "
+                  "one trained model once per threshold (rows recursive_exit@TAU).",
+                  flag_values=FLAGS)
 flags.DEFINE_string("json", "", "Also write the result to this JSON file.", flag_values=FLAGS)
 flags.DEFINE_bool("edge_ab", False, "Also time each depth-wise model at the fixed B with one "
                   "compiled edge size: all B slots, and ceil(B / sum_r c_r) (the expected exits "
@@ -178,6 +181,23 @@ def depth_problem(name: str, layers: int) -> str | None:
   if nr > 1 and ((layers - 2) < nr or (layers - 2) % nr):
     return f"num_layers={layers}: L - 2 = {layers - 2} is not a multiple of Nr = {nr}"
   return None
+
+
+def exit_label(name: str, tau: float, taus: Sequence[float]) -> str:
+  """The row label of early-exit model `name` served at threshold `tau`: the name alone when
+  one threshold is served, else name@tau."""
+  return name if len(taus) == 1 else f"{name}@{tau:g}"
+
+
+def parse_thresholds(items: Sequence[str]) -> list[float]:
+  """--exit_threshold's values as floats in (0, 1], distinct; UsageError naming the flag."""
+  try:
+    taus = [float(x) for x in items]
+  except ValueError:
+    raise app.UsageError(f"--exit_threshold: {','.join(items)} is not a list of numbers") from None
+  if not taus or any(not 0 < t <= 1 for t in taus) or len(set(taus)) != len(taus):
+    raise app.UsageError(f"--exit_threshold: {','.join(items)}: give distinct thresholds in (0, 1]")
+  return taus
 
 
 def train_or_load(name: str, cfg: mlc.ConfigDict, workdir: str, trained: bool
@@ -353,22 +373,28 @@ def settings_from_flags() -> Settings:
 
 def benchmark(s: Settings, names: Sequence[str], workdirs: dict[str, str], train_dir: str,
               batch: int = 32, seed: int = 0, overrides: dict[str, Any] | None = None,
-              out: Callable[[str], Any] = print, exit_threshold: float = 0.5,
+              out: Callable[[str], Any] = print, exit_threshold: Sequence[float] = (0.5,),
               edge_ab: bool = False) -> dict[str, Any]:
   """Trains or loads the models, builds their engines at B = batch and B = max (and with
   `edge_ab` the depth-wise ones at B = batch with single edge sizes, `fixed_edges`), times them
-  round-robin; returns the result (rows as in the module docstring, plus the skipped models)."""
+  round-robin; returns the result (rows as in the module docstring, plus the skipped models).
+  An early-exit model is trained once and served at each of `exit_threshold` (exit_label)."""
   names = ["vanilla", *[n for n in names if n != "vanilla"]]
   cache_dir = os.path.join(train_dir, "data")
-  skipped, loaded = [], {}
+  skipped, loaded, model_of, tau_of = [], {}, {}, {}
   for name in names:
     problem = depth_problem(name, s.layers)
     if problem:
       skipped.append({"model": name, "reason": problem})
       continue
-    cfg = make_config(name, s.layers, s.train_steps, cache_dir, overrides, exit_threshold)
     workdir = workdirs.get(name, os.path.join(train_dir, name))
-    loaded[name] = train_or_load(name, cfg, workdir, trained=name in workdirs)
+    trained = name in workdirs
+    for tau in exit_threshold if MODELS[name][3] else (None,):
+      label = name if tau is None else exit_label(name, tau, exit_threshold)
+      cfg = make_config(name, s.layers, s.train_steps, cache_dir, overrides,
+                        exit_threshold[0] if tau is None else tau)
+      loaded[label] = train_or_load(name, cfg, workdir, trained=trained)
+      model_of[label], tau_of[label], trained = name, tau, True
   van = loaded["vanilla"]
   requests = make_requests(van.run.valid_docs, van.run.tokenizer, s, seed)
   tokens = sum(r.max_new_tokens for r in requests)
@@ -377,9 +403,9 @@ def benchmark(s: Settings, names: Sequence[str], workdirs: dict[str, str], train
   check_map_limit(len(loaded) * (4 if edge_ab else 2) + 2, out)
   runs = {}  # (setting, name) -> engine; B = max equal to B: the B run's
   info, same = {}, {}
-  for name, lr in loaded.items():
+  for name, lr in loaded.items():  # name: the row's label
     model = lr.model
-    kind, note = serve_plan(name, model, s)
+    kind, note = serve_plan(model_of[name], model, s)
     bmax = max_slots(model, kind, budget, s.max_len)
     settings = [("fixed", batch, None), ("max", bmax, None)]
     if edge_ab and kind == "depthwise":
@@ -387,6 +413,8 @@ def benchmark(s: Settings, names: Sequence[str], workdirs: dict[str, str], train
     for setting, slots, edges in settings:
       info[(setting, name)] = dict(model=name, batch=slots, batch_setting=setting, engine=kind,
                                    note=note)
+      if tau_of[name] is not None:
+        info[(setting, name)]["exit_threshold"] = tau_of[name]
       if kind == "not served":
         continue
       if setting == "max" and slots == batch:
@@ -446,8 +474,8 @@ def benchmark(s: Settings, names: Sequence[str], workdirs: dict[str, str], train
       row["mean_depth_decode"] = row["stats"]["block_rows"] / row["stats"]["edge_rows"]
     rows.append(row)
   order = {n: i for i, n in enumerate(MODELS)}
-  rows.sort(key=lambda r: (r["batch_setting"] == "max", order[r["model"]],
-                           r["batch_setting"]))
+  rows.sort(key=lambda r: (r["batch_setting"] == "max", order[model_of[r["model"]]],
+                           -r.get("exit_threshold", 0.0), r["batch_setting"]))
   return {
       "settings": dataclasses.asdict(s), "max_len": s.max_len, "buckets": list(s.buckets),
       "requests": len(requests), "tokens": tokens, "backend": jax.default_backend(),
@@ -487,10 +515,11 @@ def main(argv: list[str], out: Callable[[str], Any] = print) -> None:
     raise app.UsageError(f"--models: unknown {unknown}; choose from {list(MODELS)}")
   logging.set_verbosity(logging.WARNING)  # no checkpointing chatter
   workdirs = dict(item.split("=", 1) for item in FLAGS.workdir)
+  taus = parse_thresholds(FLAGS.exit_threshold)
   s = settings_from_flags()
   with tempfile.TemporaryDirectory() as tmp:
     result = benchmark(s, FLAGS.models, workdirs, FLAGS.train_dir or tmp, FLAGS.batch,
-                       FLAGS.seed, parse_overrides(FLAGS.set), out, FLAGS.exit_threshold,
+                       FLAGS.seed, parse_overrides(FLAGS.set), out, taus,
                        FLAGS.edge_ab)
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:

@@ -3,6 +3,7 @@ set, B = max from the caches' bytes, the KV bytes per token against the analytic
 figure, which engine serves which model, and the table / JSON row schema."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -150,3 +151,34 @@ def test_map_limit_warning_names_the_sysctl_only_when_the_limit_is_low(tmp_path)
   lines = []
   bench.check_map_limit(21, lines.append, path=str(tmp_path / "absent"))
   assert not lines
+
+
+def test_exit_thresholds_parse_and_label():
+  assert bench.parse_thresholds(["0.5"]) == [0.5]
+  assert bench.parse_thresholds(["0.5", "0.05"]) == [0.5, 0.05]
+  for bad in (["x"], ["0"], ["1.5"], ["0.3", "0.3"]):
+    with pytest.raises(bench.app.UsageError, match="--exit_threshold"):
+      bench.parse_thresholds(bad)
+  assert bench.exit_label("recursive_exit", 0.5, [0.5]) == "recursive_exit"
+  assert bench.exit_label("recursive_exit", 0.3, [0.5, 0.3]) == "recursive_exit@0.3"
+
+
+def test_one_exit_model_served_at_each_threshold(tmp_path):
+  """benchmark() end to end at tiny size: the early-exit model is trained once and served at two
+  thresholds, a row each. At 1.0 no exit fires (every token runs both loops, as the full
+  recursive model); at 0.001 every token leaves after the first loop (any softmax over 512 tokens
+  puts at least 1/512 on one), so its realised depth is 1."""
+  s = bench.Settings(**dict(bench.QUICK, layers=4, train_steps=1, requests=3, rounds=1,
+                            prompt_min=4, prompt_max=6, gen_mean=4.0, gen_std=1.0, gen_min=2,
+                            gen_max=6))
+  overrides = dict(SHAPE, **{"data.seq_len": 16, "train.batch_size": 2, "data.bpe_vocab_size": 512,
+                             "train.eval_batches": 1})
+  overrides.pop("model.vocab_size")
+  result = bench.benchmark(s, ["recursive_exit"], {}, str(tmp_path), batch=2,
+                           overrides=overrides, out=lambda _: None, exit_threshold=[1.0, 0.001])
+  fixed = {r["model"]: r for r in result["rows"] if r["batch_setting"] == "fixed"}
+  assert set(fixed) == {"vanilla", "recursive_exit@1", "recursive_exit@0.001"}
+  assert fixed["recursive_exit@1"]["exit_threshold"] == 1.0
+  assert fixed["recursive_exit@1"]["mean_depth"] == pytest.approx(2.0)
+  assert fixed["recursive_exit@0.001"]["mean_depth"] == pytest.approx(1.0)
+  assert sorted(os.listdir(tmp_path)) == ["data", "recursive_exit", "vanilla"]  # trained once
