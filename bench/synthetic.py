@@ -3,6 +3,7 @@ overrides and the process's CPU time."""
 
 import ast
 import resource
+import sys
 from typing import Any
 
 import jax
@@ -11,6 +12,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from research import config as config_lib
 from research.model.lm import LanguageModel
 from research.train import mesh as mesh_lib
 from research.train import optimizer as optimizer_lib
@@ -86,5 +88,20 @@ def parse_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
 
 def run(main) -> None:
   """app.run(main) for a bench whose flags live in its own FlagValues: absl's global flags are
-  marked parsed and main receives the whole command line (it parses its own with parse_flags)."""
-  app.run(main, flags_parser=lambda argv: (flags.FLAGS(argv[:1]), argv)[1])
+  marked parsed and main receives the whole command line (it parses its own with parse_flags).
+  A ConfigError is one `error:` line (config_errors)."""
+  app.run(config_errors(main), flags_parser=lambda argv: (flags.FLAGS(argv[:1]), argv)[1])
+
+
+def config_errors(main):
+  """main, with a ConfigError (a bad --set, a workdir holding another run) printed as one
+  `error:` line on stderr and exit status 2 instead of a traceback."""
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except config_lib.ConfigError as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.exit(2)
+
+  return guarded

@@ -182,3 +182,18 @@ def test_one_exit_model_served_at_each_threshold(tmp_path):
   assert fixed["recursive_exit@1"]["mean_depth"] == pytest.approx(2.0)
   assert fixed["recursive_exit@0.001"]["mean_depth"] == pytest.approx(1.0)
   assert sorted(os.listdir(tmp_path)) == ["data", "recursive_exit", "vanilla"]  # trained once
+
+
+def test_a_config_error_in_a_bench_is_one_error_line(capsys):
+  """bench.synthetic.run's guard: a workdir holding another run's config (as here) or a bad
+  --set ends the bench with one `error:` line and status 2, not a traceback."""
+  from bench import synthetic
+  from research import config as config_lib
+
+  def main(argv):
+    raise config_lib.ConfigError("runs/x/vanilla holds a run with a different config")
+
+  with pytest.raises(SystemExit) as exit_info:
+    synthetic.config_errors(main)(["bench"])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err == "error: runs/x/vanilla holds a run with a different config\n"
